@@ -1,0 +1,86 @@
+"""Named ViT variants (timm's names and configs, plus small-image variants of our own), `create_model` and
+`list_models`."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+from vit.model import VisionTransformer, ViTConfig
+
+# (embed_dim, depth, num_heads) as in the ViT, DeiT and AugReg papers; 'nano' is ours, for 32 px inputs.
+SIZES: dict[str, dict[str, Any]] = {
+    "nano": dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "medium": dict(embed_dim=512, depth=12, num_heads=8),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+REGISTER_GAP = dict(reg_tokens=4, no_embed_class=True, global_pool="avg")
+
+
+def _build_variants() -> dict[str, dict[str, Any]]:
+    variants: dict[str, dict[str, Any]] = {}
+    for size in ("tiny", "small", "base", "large"):
+        for patch in (8, 14, 16, 32):
+            for img in (224, 384):
+                if img % patch == 0:
+                    variants[f"vit_{size}_patch{patch}_{img}"] = dict(SIZES[size], patch_size=patch, img_size=img)
+    variants["vit_huge_patch14_224"] = dict(SIZES["huge"], patch_size=14, img_size=224)
+    for size in ("medium", "base"):
+        variants[f"vit_{size}_patch16_reg4_gap_256"] = dict(SIZES[size], patch_size=16, img_size=256, **REGISTER_GAP)
+    for size in ("nano", "tiny", "small"):  # 32x32 inputs (CIFAR): patch 4 gives an 8x8 grid
+        variants[f"vit_{size}_patch4_32"] = dict(SIZES[size], patch_size=4, img_size=32)
+    return variants
+
+
+VARIANTS = _build_variants()
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Variant names matching a shell-style pattern, sorted."""
+    return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
+
+
+def model_config(name: str, **overrides: Any) -> ViTConfig:
+    """The `ViTConfig` of a named variant (a timm tag suffix such as `.augreg_in21k` is ignored)."""
+    arch = name.split(".", 1)[0]
+    if arch not in VARIANTS:
+        close = difflib.get_close_matches(arch, VARIANTS, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (`vit models` lists them all)")
+    return ViTConfig(**{**VARIANTS[arch], **overrides})
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool | str | Path = False,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Build a named variant, optionally with weights.
+
+    `pretrained` is True (the timm tag in `name`, or timm's default tag), a timm tag, or a local checkpoint
+    path in any format `vit.load_pretrained` reads. With `num_classes=None` a pretrained model keeps the
+    checkpoint's head; otherwise a differing head is reset.
+    """
+    from vit.weights import read_checkpoint, transfer_weights
+
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    if not pretrained:
+        return VisionTransformer(model_config(name, **overrides))
+    checkpoint = read_checkpoint(name if pretrained is True else pretrained)
+    if num_classes is None:
+        overrides["num_classes"] = checkpoint.num_classes
+    model = VisionTransformer(model_config(name, **overrides))
+    transfer_weights(model, checkpoint)
+    return model

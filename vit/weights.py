@@ -1,0 +1,414 @@
+"""Every way weights come in or go out: timm, Hugging Face, JAX .npz, Lightning .ckpt and safetensors.
+
+Files are read only through safetensors, numpy without pickle, or `torch.load(weights_only=True)`, so a
+checkpoint can never run code. Every format is converted to timm's key names, then adapted to the model
+(position and patch embeddings resampled, input channels adapted, a differing head reset) and loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
+from torch import nn
+
+from vit.model import VisionTransformer, ViTConfig
+
+TIMM_ANCHOR = "patch_embed.proj.weight"
+HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+HF_RENAMES = [  # order matters: 'attention.output.dense' before 'output.dense'
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("encoder.layer.", "blocks."),
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_before.", "norm1."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+    ("layernorm.", "norm."),
+    ("classifier.", "head."),
+]
+QKV = ("query", "key", "value")
+HF_DROPPED = re.compile(r"^(pooler\.|embeddings\.mask_token)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """Weights in timm's key names, plus what the file says about the model that made them."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    model_config: dict[str, Any] | None = None
+    class_names: list[str] | None = None
+    data_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        head = self.state_dict.get("head.weight")
+        return 0 if head is None else head.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Checkpoint:
+    """Read weights from a state dict, a local file or folder, a URL, or a timm name/tag (downloaded)."""
+    if isinstance(source, Mapping):
+        return Checkpoint(_to_timm_keys(dict(source), "<state dict>"), "<state dict>")
+    text = str(source)
+    if urlparse(text).scheme in ("http", "https", "file"):
+        return read_checkpoint(_download(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if path.is_file():
+        readers = {".safetensors": _read_safetensors, ".npz": _read_npz}
+        return readers.get(path.suffix, _read_torch)(path)
+    if re.fullmatch(r"(timm/|hf[-_]hub:)?[\w.-]+", text) and "/" not in text.removeprefix("timm/"):
+        return _read_timm_hub(text)
+    raise CheckpointError(f"{text}: no such file or folder, and not a timm model name")
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    info = {k: json.loads(meta[k]) for k in ("model_config", "class_names", "data_config") if k in meta}
+    return Checkpoint(_to_timm_keys(state, path), str(path), **info)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
+            f"code ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _read_torch(path: Path) -> Checkpoint:
+    """.pth/.bin/.pt state dicts (timm or HF keys) and Lightning .ckpt files written by `vit fit`."""
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    meta = obj.get("vit") if isinstance(obj.get("vit"), Mapping) else {}
+    state: Any = obj
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    state = _to_timm_keys(dict(state), path, prefer_prefix=meta.get("weights_prefix"))
+    return Checkpoint(
+        state,
+        str(path),
+        meta.get("model_config"),
+        meta.get("class_names"),
+        meta.get("data_config"),
+        extra={k: v for k, v in meta.items() if k not in ("model_config", "class_names", "data_config")},
+    )
+
+
+def _read_hf_folder(path: Path) -> Checkpoint:
+    """A Hugging Face `save_pretrained` folder: config.json plus model.safetensors or pytorch_model.bin."""
+    config_file = path / "config.json"
+    weight_files = [path / "model.safetensors", path / "pytorch_model.bin"]
+    weights = next((f for f in weight_files if f.is_file()), None)
+    if weights is None or not config_file.is_file():
+        raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
+    config = json.loads(config_file.read_text())
+    checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
+    checkpoint.source = str(path)
+    checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes)
+    if "id2label" in config and checkpoint.num_classes:
+        labels = {int(k): v for k, v in config["id2label"].items()}
+        checkpoint.class_names = [labels.get(i, str(i)) for i in range(checkpoint.num_classes)]
+    return checkpoint
+
+
+def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0) -> dict[str, Any]:
+    """A Hugging Face `ViTConfig` (as a dict) in our `ViTConfig` terms, `layer_norm_eps` included."""
+    act = config.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"unsupported Hugging Face hidden_act {act!r}")
+    return ViTConfig(
+        img_size=config.get("image_size", 224),
+        patch_size=config.get("patch_size", 16),
+        in_chans=config.get("num_channels", 3),
+        num_classes=num_classes,
+        embed_dim=config["hidden_size"],
+        depth=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_ratio=config["intermediate_size"] / config["hidden_size"],
+        qkv_bias=config.get("qkv_bias", True),
+        norm_eps=config.get("layer_norm_eps", 1e-12),
+        act_layer=HF_ACTIVATIONS[act],
+    ).to_dict()
+
+
+def _read_npz(path: Path) -> Checkpoint:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
+    return Checkpoint(convert_jax_npz(arrays, path), str(path))
+
+
+def _read_timm_hub(tag: str) -> Checkpoint:
+    """A timm name or tag (`vit_base_patch16_224.augreg2_in21k_ft_in1k`), fetched through timm's hub code."""
+    import timm
+    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+
+    try:
+        reference = timm.create_model(tag, pretrained=True)
+    except Exception as e:
+        raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {e})") from None
+    data_config = resolve_data_config({}, model=reference)
+    subset = infer_imagenet_subset(reference)
+    names = ImageNetInfo(subset).label_descriptions(as_dict=False) if subset else None
+    from vit.factory import VARIANTS
+
+    arch = tag.removeprefix("timm/").split(".", 1)[0]
+    config = None
+    if arch in VARIANTS:
+        config = ViTConfig(**{**VARIANTS[arch], "num_classes": reference.num_classes}).to_dict()
+    return Checkpoint(reference.state_dict(), tag, config, names, data_config)
+
+
+def _download(url: str) -> Path:
+    """Fetch a URL once into torch's hub cache; the file is then read like a local one."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(cached), progress=False)
+        except Exception as e:
+            raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+    return cached
+
+
+# ------------------------------------------------------------------------------------------- converting
+def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Find the ViT inside a state dict by its patch-embedding key, strip any prefix, convert HF names."""
+    for anchor in (TIMM_ANCHOR, HF_ANCHOR):
+        prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+        if not prefixes:
+            continue
+        prefix = prefer_prefix if prefer_prefix in prefixes else min(prefixes, key=len)
+        if anchor == TIMM_ANCHOR:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+    sample = ", ".join(list(state)[:5]) or "none"
+    raise CheckpointError(
+        f"{source}: no ViT weights found (looked for '{TIMM_ANCHOR}' or Hugging Face's '{HF_ANCHOR}'; "
+        f"first keys: {sample})"
+    )
+
+
+def convert_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face `ViTModel`/`ViTForImageClassification` names -> timm names, fusing q, k and v."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if HF_DROPPED.match(key):
+            continue
+        match = re.fullmatch(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", key)
+        if match:
+            block, part, kind = match.groups()
+            qkv.setdefault(f"blocks.{block}.attn.qkv.{kind}", {})[part] = value
+            continue
+        for old, new in HF_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def convert_jax_npz(w: Mapping[str, np.ndarray], source: Any = "<npz>") -> dict[str, torch.Tensor]:
+    """The original vit_jax / AugReg (and big_vision) .npz layout -> timm names."""
+    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise CheckpointError(f"{source}: not a ViT .npz checkpoint (no 'embedding/kernel' array)")
+    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    get = lambda name: w[prefix + name]
+
+    pos = get("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
+    out = {
+        "patch_embed.proj.weight": t(get("embedding/kernel").transpose(3, 2, 0, 1)),  # HWIO -> OIHW
+        "patch_embed.proj.bias": t(get("embedding/bias")),
+        "pos_embed": t(pos if pos.ndim == 3 else pos[None]),
+        "norm.weight": t(get("Transformer/encoder_norm/scale")),
+        "norm.bias": t(get("Transformer/encoder_norm/bias")),
+    }
+    if f"{prefix}cls" in w:
+        out["cls_token"] = t(get("cls"))
+    if f"{prefix}head/kernel" in w:
+        out["head.weight"] = t(get("head/kernel").T)
+        out["head.bias"] = t(get("head/bias"))
+
+    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w  # blocks stacked on a leading axis
+    block_ids = {m.group(1) for k in w if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))}
+    depth = len(w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"]) if scanned else len(block_ids)
+    for i in range(depth):
+        block = lambda name, i=i: (
+            get(f"Transformer/encoderblock/{name}")[i] if scanned else get(f"Transformer/encoderblock_{i}/{name}")
+        )
+        dim = out["norm.weight"].shape[0]
+        attn = f"MultiHeadDotProductAttention_{mha}"
+        b = f"blocks.{i}."
+        out[b + "norm1.weight"], out[b + "norm1.bias"] = (
+            t(block("LayerNorm_0/scale")),
+            t(block("LayerNorm_0/bias")),
+        )
+        out[b + "attn.qkv.weight"] = torch.cat([t(block(f"{attn}/{n}/kernel").reshape(dim, -1).T) for n in QKV])
+        out[b + "attn.qkv.bias"] = torch.cat([t(block(f"{attn}/{n}/bias").reshape(-1)) for n in QKV])
+        out[b + "attn.proj.weight"] = t(block(f"{attn}/out/kernel").reshape(-1, dim).T)
+        out[b + "attn.proj.bias"] = t(block(f"{attn}/out/bias"))
+        out[b + "norm2.weight"] = t(block(f"LayerNorm_{ln2}/scale"))
+        out[b + "norm2.bias"] = t(block(f"LayerNorm_{ln2}/bias"))
+        for r in (0, 1):
+            out[b + f"mlp.fc{r + 1}.weight"] = t(block(f"MlpBlock_{mlp}/Dense_{r}/kernel").T)
+            out[b + f"mlp.fc{r + 1}.bias"] = t(block(f"MlpBlock_{mlp}/Dense_{r}/bias"))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loading
+def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict: bool = True) -> None:
+    """Adapt a checkpoint to `model` (grid, patch size, channels, head, LayerNorm eps) and load it."""
+    cfg, state = model.cfg, dict(checkpoint.state_dict)
+    source = checkpoint.source
+    eps = (checkpoint.model_config or {}).get("norm_eps")
+    if eps is not None and eps != cfg.norm_eps:  # e.g. Hugging Face's 1e-12
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+        model.cfg = cfg = type(cfg)(**{**cfg.to_dict(), "norm_eps": eps})
+
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == cfg.embed_dim:
+        old_grid = None
+        if checkpoint.model_config:
+            old = ViTConfig(**checkpoint.model_config)
+            old_grid = list(old.grid_size)
+        prefix = 0 if cfg.no_embed_class else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(pos, list(cfg.grid_size), old_grid, num_prefix_tokens=prefix)
+
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4 and proj.shape[0] == cfg.embed_dim:
+        if proj.shape[1] != cfg.in_chans:
+            proj = adapt_input_conv(cfg.in_chans, proj)
+        if proj.shape[-1] != cfg.patch_size:
+            proj = resample_patch_embed(proj, [cfg.patch_size, cfg.patch_size])
+        state["patch_embed.proj.weight"] = proj
+
+    head = state.get("head.weight")
+    model_head = model.state_dict().get("head.weight")
+    if head is not None and (model_head is None or head.shape != model_head.shape):
+        warnings.warn(
+            f"{source}: the checkpoint's head has {head.shape[0]} classes and the model {cfg.num_classes}: "
+            "the head was reset and needs training",
+            stacklevel=3,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (k.startswith("head.") and head is not None)]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if strict and (missing or unexpected or misshaped):
+        parts = [
+            f"{label}: {_short_list(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if keys
+        ]
+        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(parts))
+    state = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    model.load_state_dict(state, strict=False)
+    if checkpoint.data_config:
+        model.pretrained_cfg = {**model.pretrained_cfg, **checkpoint.data_config}
+
+
+def load_pretrained(
+    model: VisionTransformer, source: str | Path | Mapping[str, Any], *, strict: bool = True
+) -> Checkpoint:
+    """Load a checkpoint of any supported format into `model`; returns what the file said about itself."""
+    checkpoint = read_checkpoint(source)
+    transfer_weights(model, checkpoint, strict=strict)
+    return checkpoint
+
+
+def load_model(source: str | Path) -> tuple[VisionTransformer, Checkpoint]:
+    """Build the model a checkpoint describes (its own config) and load it: .ckpt, our .safetensors, HF
+    folders and timm tags carry one."""
+    checkpoint = read_checkpoint(source)
+    if checkpoint.model_config is None:
+        raise CheckpointError(
+            f"{checkpoint.source}: the file carries no model config; use "
+            "vit.create_model(name, pretrained=path) to say which variant it is"
+        )
+    model = VisionTransformer(ViTConfig(**checkpoint.model_config))
+    transfer_weights(model, checkpoint)
+    return model, checkpoint
+
+
+# -------------------------------------------------------------------------------------------- writing
+def save_safetensors(
+    model: VisionTransformer,
+    path: str | Path,
+    *,
+    class_names: list[str] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the weights as safetensors, with the model config, class names and preprocessing as metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"model_config": model.cfg.to_dict(), "data_config": dict(data_config or model.pretrained_cfg)}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return Path(path)
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -2,8 +2,9 @@
 
 Every module decodes images lazily, splits them, and transforms them with timm's `create_transform` from the
 model's data config (input size, mean, std, interpolation, crop), which the trainer's LightningModule supplies
-at `setup`. Training images are augmented; validation and test images never are. An image that cannot be
-read is dropped from its batch and counted, and one warning names the count at the end of each stage.
+at `setup`. Training images are augmented; validation and test images never are. Small sets (digits) are kept
+in memory as tensors and augmented a whole batch at a time. An image that cannot be read is dropped from its
+batch, and one warning counts them at the end of each stage.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def plain_data_config(config: dict[str, Any]) -> dict[str, Any]:
 class VisionDataModule(L.LightningDataModule):
     """What every data module shares: preprocessing from the model, augmentation, loaders, skip counting.
 
-    Subclasses set `class_names` and implement `_splits(stage)`, returning {split: (source, indices)}.
+    Subclasses set `class_names` and implement `_splits(needed)`, returning {split: (source, indices)}.
 
     Args:
         batch_size: images per batch.
@@ -119,7 +120,10 @@ class VisionDataModule(L.LightningDataModule):
         base = getattr(model, "pretrained_cfg", None) or {"input_size": (3, 224, 224)}
         config = resolve_data_config(args=self.preprocessing, pretrained_cfg=base)
         self.data_config = plain_data_config(config)
-        mode = {1: "L", 3: "RGB"}[self.data_config["input_size"][0]]
+        channels = self.data_config["input_size"][0]
+        if channels not in (1, 3):
+            raise ValueError(f"images are read as grey (1 channel) or RGB (3 channels), not {channels} channels")
+        mode = "L" if channels == 1 else "RGB"
         for split, (source, indices) in self._splits(STAGE_SPLITS[stage]).items():
             augment = split == "train" and not self.in_memory
             transform = self.train_transform() if augment else self.eval_transform()
@@ -300,7 +304,9 @@ class ImageFolderDataModule(VisionDataModule):
         if "val" in needed and val_dir is not None:
             source = self._scan(Path(val_dir))
             splits["val"] = (source, list(range(len(source.targets))))
-        if "test" in needed and test_dir is not None:
+        if "test" in needed:
+            if test_dir is None:
+                raise ValueError("there is no test split without a test folder: pass --data.test_dir path/to/test")
             source = self._scan(Path(test_dir))
             splits["test"] = (source, list(range(len(source.targets))))
         return {k: v for k, v in splits.items() if k in needed}

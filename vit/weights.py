@@ -48,6 +48,7 @@ HF_RENAMES = [  # order matters: 'attention.output.dense' before 'output.dense'
     ("classifier.", "head."),
 ]
 QKV = ("query", "key", "value")
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
 HF_DROPPED = re.compile(r"^(pooler\.|embeddings\.mask_token)")
 
 
@@ -86,6 +87,8 @@ def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Checkpoint:
     if path.is_file():
         readers = {".safetensors": _read_safetensors, ".npz": _read_npz}
         return readers.get(path.suffix, _read_torch)(path)
+    if path.suffix in CHECKPOINT_SUFFIXES:  # a file name, not a timm tag: say it is missing
+        raise CheckpointError(f"{text}: no such file")
     if re.fullmatch(r"(timm/|hf[-_]hub:)?[\w.-]+", text) and "/" not in text.removeprefix("timm/"):
         return _read_timm_hub(text)
     raise CheckpointError(f"{text}: no such file or folder, and not a timm model name")

@@ -223,7 +223,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.norm_pre = _norm(cfg) if cfg.pre_norm else nn.Identity()
-        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth grows with depth
+        # Stochastic depth grows with depth; device="cpu" so that building under `torch.device("meta")` works.
+        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*(Block(cfg, dp) for dp in drop_path))
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else _norm(cfg)

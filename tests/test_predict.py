@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
+import vit
 from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_safetensors
 from vit.cli import main
 from vit.predict import Predictor, read_image
@@ -225,6 +226,11 @@ def test_lightning_ckpt_preprocessing_and_weights_are_used(tmp_path):
     assert predictor.predict(image) == from_safetensors.predict(image)
 
 
+def test_preprocessing_that_does_not_fit_the_model_is_refused():
+    with pytest.raises(ValueError, match="input size 64x64 does not match the model's 32x32"):
+        vit.Predictor(tiny_model(), data_config={"input_size": [3, 64, 64]})
+
+
 def test_topk_is_capped_at_the_number_of_classes(predictor):
     (result,) = predictor.predict(Image.fromarray(smooth_rgb(32, 32)), topk=50)
     assert sorted(p["index"] for p in result["predictions"]) == list(range(len(CLASS_NAMES)))
@@ -324,7 +330,7 @@ def test_models_with_no_match_is_a_usage_error(capsys):
 
 # ------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_runs_in_quick_mode():
-    command = [sys.executable, "benchmarks/predict.py", "--quick"]
+    command = [sys.executable, "benchmarks/predict.py", "--quick", "--synthetic"]  # tests never read shared data
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ratio" in done.stdout and "images/s" in done.stdout

@@ -100,8 +100,8 @@ def describe_error(error: BaseException) -> str:
         return "not an image (PIL cannot identify the format)"
     if isinstance(error, Image.DecompressionBombError):
         return f"image too large ({error}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
-    if isinstance(error, OSError) and "truncated" in str(error):
-        return str(error)  # PIL says "image file is truncated (N bytes not processed)"
+    if isinstance(error, OSError) and "truncated" in str(error).lower():
+        return f"truncated image file ({error})"
     text = str(error) or type(error).__name__
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror.lower()
@@ -161,18 +161,37 @@ class Predictor:
         self.transform = create_transform(**self.data_config, is_training=False)
         self.mode = "L" if model.cfg.in_chans == 1 else "RGB"
         height, width = self.data_config["input_size"][-2:]
+        if (height, width) != model.cfg.img_hw and not model.cfg.dynamic_img_size:
+            raise ValueError(
+                f"the preprocessing's input size {height}x{width} does not match the model's "
+                f"{'x'.join(map(str, model.cfg.img_hw))}"
+            )
         self.min_size = math.ceil(max(height, width) / (self.data_config.get("crop_pct") or DEFAULT_CROP_PCT))
         self.batch_size = batch_size
         self.num_workers = num_workers
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, **kwargs: Any) -> Predictor:
+    def from_checkpoint(
+        cls,
+        source: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        num_workers: int | None = None,
+    ) -> Predictor:
         """A predictor from anything `vit.load_model` reads: a `vit fit` .ckpt, our .safetensors, a Hugging
         Face folder, or a timm tag (when online); class names and preprocessing come from the checkpoint."""
         from vit.weights import load_model
 
         model, checkpoint = load_model(source)
-        return cls(model, class_names=checkpoint.class_names, data_config=checkpoint.data_config, **kwargs)
+        return cls(
+            model,
+            class_names=checkpoint.class_names,
+            data_config=checkpoint.data_config,
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
 
     def preprocess(self, source: ImageSource) -> torch.Tensor:
         """One input as the model sees it: (C, H, W), resized, centre-cropped and normalised."""

@@ -347,6 +347,20 @@ def test_cli_attention_writes_a_png_and_prints_the_predicted_class(checkpoint, t
             assert figure.format == "PNG" and figure.width > figure.height > 100
 
 
+def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
+    model, _, image = checkpoint
+    data_config = {**model.pretrained_cfg, "input_size": list(model.pretrained_cfg["input_size"])}
+    data_config.update(mean=list(data_config["mean"]), std=list(data_config["std"]))
+    meta = {"model_config": model.cfg.to_dict(), "class_names": ["ant", "bee", "cow"], "data_config": data_config}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "vit": {**meta, "weights_prefix": "model."}}, tmp_path / "last.ckpt")
+    out = tmp_path / "map.png"
+    assert vit.cli.main(["attention", str(image), "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert any(f"predicted: {name} " in printed for name in ("ant", "bee", "cow"))
+    assert Image.open(out).format == "PNG"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -114,6 +114,72 @@ def _export(args: argparse.Namespace) -> int:
         except ImportError:
             note = "; onnxruntime is not installed, so the file was not checked"
     print(f"wrote {out} ({fmt}{note})")
+
+
+def _attention_parser(sub: argparse._SubParsersAction) -> None:
+    from vit.explain import METHODS
+
+    p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--checkpoint", required=True, help=".ckpt, .safetensors with its config, or a timm tag")
+    p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
+    p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
+    p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
+    p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
+    p.add_argument("--out", required=True, help="the figure to write, e.g. attention.png")
+    p.set_defaults(handler=_attention)
+
+
+def _attention(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from pathlib import Path
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    from vit.explain import explain
+    from vit.visualize import attention_figure
+    from vit.weights import load_model
+
+    chosen = {k: v for k, v in (("layer", args.layer), ("head", args.head)) if v is not None}
+    method = args.method or ("raw" if chosen else "rollout")
+    if chosen and method != "raw":
+        raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
+    if not Path(args.out).parent.is_dir():
+        raise FileNotFoundError(f"{args.out}: the folder {Path(args.out).parent} does not exist")
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{args.image}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{args.image}: not a readable image ({e})") from None
+    model, checkpoint = load_model(args.checkpoint)
+    if model.num_classes == 0:
+        raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
+    model.eval()
+    # The checkpoint's own preprocessing (timm's data-config form); the model's defaults when it has none.
+    data_config = resolve_data_config(pretrained_cfg=dict(checkpoint.data_config or {}), model=model)
+    x = create_transform(**data_config)(image.convert("L" if model.cfg.in_chans == 1 else "RGB"))[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    index = int(probs.argmax()) if args.target is None else args.target
+    if not 0 <= index < model.num_classes:
+        raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
+    heat = explain(model, x, method, target=index, **chosen)[0]
+    names = checkpoint.class_names
+    label = names[index] if names and index < len(names) else str(index)
+    mean, std = (torch.tensor(data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
+    title = f"{label} (class {index}, p={probs[index]:.3f})"
+    options = ", ".join(f"{k} {v}" for k, v in chosen.items())
+    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(args.out, dpi=120)
+    kind = "predicted" if args.target is None else "target"
+    print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -121,7 +187,12 @@ def _lightning_main(argv: list[str]) -> int:
     raise NotImplementedError("fit/validate/test arrive with the training issue")  # TODO(issue 3)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_predict_parser, _export_parser, _models_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _predict_parser,
+    _attention_parser,
+    _export_parser,
+    _models_parser,
+]
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 

@@ -114,6 +114,7 @@ def _export(args: argparse.Namespace) -> int:
         except ImportError:
             note = "; onnxruntime is not installed, so the file was not checked"
     print(f"wrote {out} ({fmt}{note})")
+    return 0
 
 
 def _attention_parser(sub: argparse._SubParsersAction) -> None:

@@ -3,8 +3,9 @@
     python benchmarks/throughput.py                 # vit_tiny_patch16_224 and vit_small_patch16_224, batch 32
     python benchmarks/throughput.py --quick         # a few seconds: keeps the script from rotting
 
-CPU, float32, torch.inference_mode. Each round times both models back to back (alternating which goes first),
-so load from other processes hits both alike; the ratio is the median of the per-round ratios.
+CPU, float32, torch.inference_mode. Each round times ours, timm's and a second copy of timm's back to back
+(rotating which goes first), so load from other processes hits all alike; ratios are medians of per-round
+ratios. The timm/timm control is the noise floor: two identical models differ by that much on this machine.
 """
 
 from __future__ import annotations
@@ -30,26 +31,36 @@ def images_per_second(model: torch.nn.Module, x: torch.Tensor, iters: int) -> fl
 
 
 def compare(name: str, batch: int, rounds: int, iters: int, warmup: int, **overrides: int) -> dict[str, float]:
-    """Median images/s of ours and timm's, and the median and quartiles of the per-round ratio ours/timm."""
+    """Median images/s of ours and timm's, and per-round ratios (median, quartiles) of ours/timm and of a
+    second timm copy/timm: the control, which shows how far two identical models drift apart on this machine."""
     reference = timm.create_model(name, **overrides).eval()
-    ours = vit.create_model(name, **overrides).eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(batch, *ours.pretrained_cfg["input_size"])
-    models = {"ours": ours, "timm": reference}
-    speed: dict[str, list[float]] = {"ours": [], "timm": []}
+    models = {
+        "ours": vit.create_model(name, **overrides),
+        "timm": reference,
+        "timm#2": timm.create_model(name, **overrides),
+    }
+    for model in models.values():
+        model.load_state_dict(reference.state_dict(), strict=True)
+        model.eval()
+    x = torch.randn(batch, *reference.pretrained_cfg["input_size"])
+    speed: dict[str, list[float]] = {key: [] for key in models}
     with torch.inference_mode():
-        gap = (ours(x) - reference(x)).abs().max().item()
+        gap = (models["ours"](x) - reference(x)).abs().max().item()
         if gap > 1e-4:
             raise SystemExit(f"{name}: ours and timm disagree by {gap:.2e}; the comparison would be meaningless")
-        for key in models:
-            images_per_second(models[key], x, warmup)
-        for r in range(rounds):
-            for key in ("ours", "timm") if r % 2 == 0 else ("timm", "ours"):
+        for model in models.values():
+            images_per_second(model, x, warmup)
+        keys = list(models)
+        for r in range(rounds):  # rotate who goes first, so drift in machine load hits every model alike
+            for key in keys[r % 3 :] + keys[: r % 3]:
                 speed[key].append(images_per_second(models[key], x, iters))
-    ratios = [o / t for o, t in zip(speed["ours"], speed["timm"])]
-    q1, ratio, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"ours": statistics.median(speed["ours"]), "timm": statistics.median(speed["timm"]), "ratio": ratio,
-            "q1": q1, "q3": q3}  # fmt: skip
+    out = {key: statistics.median(v) for key, v in speed.items()}
+    for key in ("ours", "timm#2"):
+        ratios = [a / b for a, b in zip(speed[key], speed["timm"])]
+        out[f"{key}/timm"] = statistics.median(ratios)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[f"{key}/timm q1"], out[f"{key}/timm q3"] = quartiles[0], quartiles[2]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         r = compare(name, args.batch_size, args.rounds, args.iters, args.warmup, **overrides)
         print(
             f"{name:<24} ours {r['ours']:7.1f} img/s   timm {r['timm']:7.1f} img/s   "
-            f"ours/timm {r['ratio']:.3f} (quartiles {r['q1']:.3f}-{r['q3']:.3f})"
+            f"ours/timm {r['ours/timm']:.3f} (quartiles {r['ours/timm q1']:.3f}-{r['ours/timm q3']:.3f})   "
+            f"control timm/timm {r['timm#2/timm']:.3f} ({r['timm#2/timm q1']:.3f}-{r['timm#2/timm q3']:.3f})"
         )
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vit
@@ -316,6 +317,14 @@ def test_missing_file_says_so_instead_of_asking_the_hub(tmp_path, monkeypatch, s
     monkeypatch.chdir(tmp_path)
     with pytest.raises(vit.CheckpointError, match=rf"{source}: no such file"):
         vit.read_checkpoint(source)
+
+
+def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
+    path = tmp_path / "photo.ckpt"
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(path)
+    assert "photo.ckpt: not a readable PyTorch checkpoint" in str(err.value) and "refused" not in str(err.value)
 
 
 class _Payload:

@@ -117,7 +117,10 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
+        reason = " ".join((found.group(1) if found else str(e)).split())[:200]
+        if "Unsupported global" not in reason:  # not a pickle of ours at all (an image renamed .ckpt, say)
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"

@@ -119,7 +119,7 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         reason = " ".join((found.group(1) if found else str(e)).split())[:200]
-        if "Unsupported global" not in reason:  # not a pickle of ours at all (an image renamed .ckpt, say)
+        if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
@@ -128,6 +128,13 @@ def _torch_load(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A torch.save zip, or a raw pickle (protocol 2+ opens with 0x80)."""
+    with open(path, "rb") as f:
+        first = f.read(1)
+    return first == b"\x80" or zipfile.is_zipfile(path)
 
 
 def _read_torch(path: Path) -> Checkpoint:

@@ -8,8 +8,10 @@ never print a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vit.weights import CheckpointError
 
@@ -185,7 +187,114 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _lightning_main(argv: list[str]) -> int:
-    raise NotImplementedError("fit/validate/test arrive with the training issue")  # TODO(issue 3)
+    """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
+    import warnings
+
+    # We choose the loader processes on purpose (none for in-memory data, cores - 1 otherwise).
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    try:
+        _lightning_cli_class()(args=argv)
+    except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
+        return e.code if isinstance(e.code, int) else 2
+    except USER_ERRORS as e:
+        print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@functools.cache
+def _lightning_cli_class() -> type:
+    """`ViTLightningCLI`, defined on first use so that the light subcommands do not import Lightning (seconds)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
+
+    from vit.data import VisionDataModule
+    from vit.module import ViTClassifier
+
+    class ViTLightningCLI(LightningCLI):
+        """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
+        with CSV logs and checkpoints/best.ckpt + last.ckpt, and ends by printing where and how it went."""
+
+        def __init__(self, args: list[str]):
+            super().__init__(
+                ViTClassifier,
+                VisionDataModule,
+                subclass_mode_data=True,
+                trainer_defaults={
+                    "logger": {
+                        "class_path": f"{CSVLogger.__module__}.CSVLogger",
+                        "init_args": {"save_dir": "runs", "name": "vit"},
+                    }
+                },
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--torch_threads",
+                type=int | None,
+                default=None,
+                help="CPU threads for torch (torch.set_num_threads); tiny models train fastest with 1, above all "
+                "on a busy machine. Default: torch's choice.",
+            )
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/acc",
+                    "checkpoint.mode": "max",
+                    "checkpoint.filename": "best",
+                    "checkpoint.save_last": True,
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            """Lightning's Rich bar unless the config has a progress bar of its own or turns bars off."""
+            config = self._get(self.config_init, "trainer", default={})
+            callbacks = config.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            wants_bar = config.get("enable_progress_bar") is not False
+            if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            return super().instantiate_trainer(**kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            import torch
+
+            threads = self.config[self.subcommand].get("torch_threads")
+            if threads:
+                torch.set_num_threads(threads)
+
+        def after_fit(self) -> None:
+            self._report(fitted=True)
+
+        def after_validate(self) -> None:
+            self._report()
+
+        def after_test(self) -> None:
+            self._report()
+
+        def _report(self, fitted: bool = False) -> None:
+            from rich.console import Console
+
+            trainer = self.trainer
+            console = Console(stderr=False)
+            console.print(f"run folder: {trainer.log_dir}")
+            if fitted:
+                ckpt = trainer.checkpoint_callback
+                console.print(f"checkpoints: best {ckpt.best_model_path}  last {ckpt.last_model_path}")
+                metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
+                console.print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    return ViTLightningCLI
+
+
+def __getattr__(name: str) -> type:
+    if name == "ViTLightningCLI":  # `from vit.cli import ViTLightningCLI` works, lazily
+        return _lightning_cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

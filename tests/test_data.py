@@ -1,0 +1,217 @@
+"""The data modules, on data the tests write: digits, an ImageFolder tree with broken files, a CIFAR folder."""
+
+from __future__ import annotations
+
+import pickle
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torchvision
+from _images import CIFAR10_NAMES, write_broken_images, write_cifar10, write_image_folder
+from lightning.pytorch.callbacks import Callback
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from vit.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from vit.module import ViTClassifier
+
+# Identity preprocessing: tensors are pixel / 255, so they can be compared with the files' pixels.
+RAW_8 = {"input_size": [1, 8, 8], "mean": [0.0], "std": [1.0], "crop_pct": 1.0}
+RAW_RGB_16 = {"input_size": [3, 16, 16], "mean": [0.0] * 3, "std": [1.0] * 3, "crop_pct": 1.0}
+
+
+def tiny_trainer(**kw) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**options, **kw})
+
+
+def tiny_classifier(img: int = 16, chans: int = 3, **kw) -> ViTClassifier:
+    config = dict(img_size=img, in_chans=chans, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    return ViTClassifier(model_name=None, model_config=config, **kw)
+
+
+def as_rows(images: np.ndarray, labels) -> set[tuple[bytes, int]]:
+    return {(np.asarray(im, dtype=np.uint8).tobytes(), int(y)) for im, y in zip(images, labels)}
+
+
+def test_digits_test_split_is_the_fixed_sklearn_split_of_360_images():
+    digits = load_digits()
+    _, x_test, _, y_test = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    dm = DigitsDataModule(preprocessing=RAW_8)
+    dm.setup("test")
+    test = dm.datasets["test"]
+    assert len(test) == 360
+    ours = [test[i] for i in range(len(test))]
+    expected = as_rows(np.round(x_test * 255 / 16), y_test)
+    assert as_rows([np.round(x[0].numpy() * 255) for x, _ in ours], [y for _, y in ours]) == expected
+
+
+def test_digits_validation_is_carved_from_the_other_80_percent():
+    dm = DigitsDataModule(preprocessing=RAW_8, val_fraction=0.2)
+    dm.setup("fit")
+    dm.setup("test")
+    train, val, test = (set(dm.datasets[s].indices) for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train) + len(val) == 1797 - 360
+    assert len(val) == round(0.2 * (1797 - 360))
+
+
+class _KeepBatches(Callback):
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.train.append(batch[0].clone())
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch[0].clone())
+
+
+def test_digits_augment_training_batches_only(tmp_path):
+    dm = DigitsDataModule(batch_size=2000, scale=(0.5, 1.0))
+    keep = _KeepBatches()
+    tiny_trainer(max_epochs=1, callbacks=[keep]).fit(tiny_classifier(img=16, chans=1), datamodule=dm)
+    stored = {split: torch.stack([x for x, _ in dm.datasets[split]]) for split in ("train", "val")}
+    (train,), val = keep.train, keep.val[-1]  # the last validation batch is the real one (not the sanity check)
+    assert torch.equal(val, stored["val"])  # validation images arrive exactly as stored
+    # training images arrive cropped: none matches its stored version (the loader shuffles, so compare sets)
+    assert not any(torch.equal(a, b) for a in train[:50] for b in stored["train"])
+
+
+def test_image_folder_validation_is_not_augmented_while_training_is(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    dm = ImageFolderDataModule(tmp_path / "train", val_fraction=0.5, num_workers=0, preprocessing=RAW_RGB_16)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    val, train = dm.datasets["val"], dm.datasets["train"]
+    assert all(torch.equal(val[i][0], val[i][0]) for i in range(len(val)))
+    assert any(not torch.equal(train[i][0], train[i][0]) for i in range(len(train)))  # the control
+
+
+def test_image_folder_records_class_names_and_carves_validation(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("owl", "cat", "dog"), per_class=6)
+    dm = ImageFolderDataModule(tmp_path / "train", val_fraction=0.5, num_workers=0, preprocessing=RAW_RGB_16)
+    assert dm.class_names == ["cat", "dog", "owl"]
+    dm.setup("fit")
+    val = dm.datasets["val"]
+    assert len(dm.datasets["train"]) == len(val) == 9
+    assert sorted(val.source.targets[i] for i in val.indices) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # stratified
+
+
+def test_image_folder_maps_val_dir_classes_by_name(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b", "c"))
+    write_image_folder(tmp_path / "val", classes=("c",), per_class=2)  # only the last class
+    dm = ImageFolderDataModule(tmp_path / "train", val_dir=tmp_path / "val", num_workers=0, preprocessing=RAW_RGB_16)
+    dm.setup("fit")
+    assert [y for _, y in dm.datasets["val"]] == [2, 2]
+    assert len(dm.datasets["train"]) == 18  # nothing carved
+
+
+def test_val_dir_with_a_class_unknown_to_training_is_an_error_naming_it(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b"))
+    write_image_folder(tmp_path / "val", classes=("zebra",), per_class=1)
+    dm = ImageFolderDataModule(tmp_path / "train", val_dir=tmp_path / "val", num_workers=0, preprocessing=RAW_RGB_16)
+    with pytest.raises(ValueError, match="zebra"):
+        dm.setup("fit")
+
+
+def test_train_dir_without_images_is_an_error_naming_the_folder(tmp_path):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("no images here")
+    dm = ImageFolderDataModule(tmp_path / "empty", num_workers=0)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}: no images"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="no class folders"):
+        ImageFolderDataModule(tmp_path / "empty" / "cat")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ImageFolderDataModule(tmp_path / "nowhere")
+
+
+def test_unreadable_images_are_dropped_from_batches_and_reported(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=4)
+    broken = write_broken_images(tmp_path / "train" / "cat")
+    dm = ImageFolderDataModule(
+        tmp_path / "train", val_fraction=0.25, batch_size=64, num_workers=0, preprocessing=RAW_RGB_16
+    )
+    dm.setup("fit")
+    seen, skipped = 0, set()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        for batch in loader:
+            seen += len(batch[0])
+            skipped |= {name for name, _ in batch[2]} if len(batch) == 3 else set()
+    assert (seen, skipped) == (12, {str(p) for p in broken})  # every readable image, once (one batch per split)
+
+
+def test_unreadable_images_never_stop_training_and_get_one_counting_warning(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=4)
+    write_broken_images(tmp_path / "train" / "dog")
+    dm = ImageFolderDataModule(tmp_path / "train", val_fraction=0.25, batch_size=4, num_workers=1, hflip=0.0)
+    model = tiny_classifier(lr=1e-3)
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)") as record:
+        tiny_trainer(max_epochs=2).fit(model, datamodule=dm)
+    assert sum("unreadable" in str(w.message) for w in record) == 1
+    assert model.class_names == ["cat", "dog", "fox"]
+
+
+def test_cifar10_folder_in_torchvision_layout_loads_offline(tmp_path, monkeypatch):
+    train_images, train_labels, test_images, test_labels = write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(
+        tmp_path,
+        download=False,
+        num_workers=0,
+        val_fraction=0.25,
+        preprocessing={"mean": [0.0] * 3, "std": [1.0] * 3, "input_size": [3, 32, 32]},
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.class_names == CIFAR10_NAMES
+    # torchvision's own reader is the oracle for the layout (its md5 check knows only the real files)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    reference = torchvision.datasets.CIFAR10(str(tmp_path), train=True, download=False)
+    source = dm.datasets["train"].source
+    assert np.array_equal(source.images, reference.data) and source.targets == reference.targets
+    assert np.array_equal(reference.data, train_images)
+    val = dm.datasets["val"]
+    x, y = val[0]
+    j = val.indices[0]
+    assert y == train_labels[j]
+    assert torch.allclose(x, torch.from_numpy(train_images[j]).permute(2, 0, 1) / 255, atol=1e-6)
+    assert len(dm.datasets["train"]) + len(val) == len(train_images)
+    test = dm.datasets["test"]
+    assert as_rows([np.round(x.permute(1, 2, 0).numpy() * 255) for x, _ in test], [y for _, y in test]) == as_rows(
+        test_images, test_labels
+    )
+
+
+def test_missing_cifar_copy_without_download_names_the_folder(tmp_path):
+    dm = CIFAR10DataModule(tmp_path / "data", download=False)
+    dm.prepare_data()  # nothing to do: no download asked for
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*download"):
+        dm.setup("fit")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_cifar_files_are_read_without_running_pickled_code(tmp_path, capsys):
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_NAMES, "payload": _Exploit()}, f)
+    dm = CIFAR10DataModule(tmp_path, download=False, num_workers=0)
+    with pytest.raises(ValueError, match=r"batches\.meta.*refused"):
+        dm.setup("fit")
+    assert "unpickling ran code" not in capsys.readouterr().out

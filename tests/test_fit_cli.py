@@ -1,0 +1,123 @@
+"""`vit fit | validate | test` through the command line: run folders, checkpoints others can read, fine-tuning
+from a local checkpoint, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _images import write_image_folder
+from timm.layers import resample_abs_pos_embed
+
+import vit
+from vit.cli import main
+from vit.module import ViTClassifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_DIGITS = ["--model.model_overrides", json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2})]
+QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run folders land in ./runs
+
+
+def read_losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def test_fit_writes_a_run_folder_whose_checkpoints_every_loader_accepts(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
+    run = Path("runs/digits/version_0")
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+    assert best.is_file() and last.is_file() and (run / "metrics.csv").is_file()
+    out = capsys.readouterr().out
+    assert f"run folder: {run}" in out and "val/acc" in out
+
+    module = ViTClassifier.load_from_checkpoint(best).eval()
+    model, checkpoint = vit.load_model(best)
+    fresh = vit.VisionTransformer(vit.ViTConfig(**checkpoint.model_config))
+    vit.load_pretrained(fresh, best)
+    assert checkpoint.class_names == [str(d) for d in range(10)]
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(module(x), model.eval()(x), atol=1e-6)
+        assert torch.allclose(module(x), fresh.eval()(x), atol=1e-6)
+
+
+def test_validate_and_test_restore_the_model_from_the_checkpoint_alone(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
+    best = "runs/digits/version_0/checkpoints/best.ckpt"
+    # no model overrides: the architecture comes from the checkpoint's hyperparameters
+    assert main(["test", "--config", str(CONFIGS / "digits.yaml"), "--ckpt_path", best]) == 0
+    assert "test/acc" in capsys.readouterr().out
+    assert main(["validate", "--config", str(CONFIGS / "digits.yaml"), "--ckpt_path", best]) == 0
+    assert "val/acc" in capsys.readouterr().out
+
+
+def test_fine_tuning_from_a_local_checkpoint_resamples_positions_and_resets_the_head(tmp_path):
+    write_image_folder(tmp_path / "a", classes=("r", "g", "b"), per_class=8, size=16)
+    write_image_folder(tmp_path / "b", classes=("b", "r"), per_class=12, size=24, seed=1)
+    tiny = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+    pretrain = ["--model.model_name", "null", "--model.model_config", json.dumps(tiny), "--data.num_workers", "0"]
+    assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(tmp_path / "a"),
+                 *pretrain, "--trainer.max_epochs", "2"]) == 0  # fmt: skip
+    source = Path("runs/imagefolder/version_0/checkpoints/last.ckpt")
+    source_state = vit.read_checkpoint(source).state_dict
+
+    # At construction: weights from the file, position embeddings resampled from a 4x4 to a 6x6 grid.
+    start = ViTClassifier(model_name=None, pretrained=str(source), img_size=24)
+    expected_pos = resample_abs_pos_embed(source_state["pos_embed"], [6, 6], [4, 4], num_prefix_tokens=1)
+    assert torch.allclose(start.model.pos_embed, expected_pos)
+    assert torch.equal(start.model.blocks[1].mlp.fc2.weight, source_state["blocks.1.mlp.fc2.weight"])
+
+    finetune = [
+        *("--model.model_name", "null", "--model.pretrained", str(source), "--model.img_size", "24"),
+        *("--model.ema_decay", "null", "--model.lr", "2e-3", "--model.model_overrides", "{}"),
+        *("--data.train_dir", str(tmp_path / "b"), "--data.batch_size", "4", "--data.num_workers", "0"),
+        *("--data.auto_augment", "null", "--data.re_prob", "0", "--data.scale", "[0.7, 1.0]"),
+        *("--trainer.max_epochs", "6", "--trainer.log_every_n_steps", "1"),
+    ]
+    assert main(["fit", "--config", str(CONFIGS / "finetune.yaml"), *finetune]) == 0
+    run = Path("runs/finetune/version_0")
+    tuned = vit.read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert tuned.state_dict["head.weight"].shape == (2, 32)  # new head for the two classes
+    assert tuned.state_dict["pos_embed"].shape == (1, 1 + 36, 32)
+    assert tuned.class_names == ["b", "r"] and tuned.data_config["input_size"] == [3, 24, 24]
+    losses = read_losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_print_config_shows_the_resolved_configuration(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "model_name: vit_nano_patch4_32" in out and "class_path: vit.data.DigitsDataModule" in out
+
+
+def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.no_such_option", "1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  learning_rate_typo: 0.1\n")
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--config", str(bad)]) == 2
+    assert "learning_rate_typo" in capsys.readouterr().err
+
+
+def test_train_dir_without_images_is_one_line_naming_the_folder(tmp_path, capsys):
+    empty = tmp_path / "photos"
+    (empty / "cats").mkdir(parents=True)
+    assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"vit fit: error: {empty}: no images found")
+
+
+def test_class_count_mismatch_is_one_clear_line(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, "--model.num_classes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "vit fit: error: the model has num_classes=5 but the data (DigitsDataModule) has 10 classes" in err
+    assert "Traceback" not in err

@@ -1,0 +1,169 @@
+"""ViTClassifier: optimiser groups, schedule, freezing, EMA, Mixup, class matching and the checkpoint contract."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from timm.data import create_transform
+from timm.loss import SoftTargetCrossEntropy
+
+import vit
+from vit.data import DigitsDataModule
+from vit.module import ViTClassifier
+
+TINY = dict(img_size=8, in_chans=1, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def tiny(**kw) -> ViTClassifier:
+    config = {**TINY, **kw.pop("config", {})}
+    return ViTClassifier(model_name=None, model_config=config, **kw)
+
+
+def digits(**kw) -> DigitsDataModule:
+    return DigitsDataModule(**{"batch_size": 256, **kw})
+
+
+def fit(model: ViTClassifier, dm=None, **kw) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer = L.Trainer(**{**options, **kw})
+    trainer.fit(model, datamodule=dm or digits())
+    return trainer
+
+
+def test_weight_decay_skips_norms_biases_position_embeddings_and_tokens():
+    model = tiny(weight_decay=0.05)
+    decay = {id(p): g["weight_decay"] for g in model.build_optimizer().param_groups for p in g["params"]}
+    for name, p in model.model.named_parameters():
+        exempt = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+        assert decay[id(p)] == (0.0 if exempt else 0.05), name
+
+
+def test_layer_decay_gives_deeper_blocks_larger_learning_rates():
+    model = tiny(lr=1e-3, layer_decay=0.5)
+    lr = {id(p): g["lr"] for g in model.build_optimizer().param_groups for p in g["params"]}
+    params = dict(model.model.named_parameters())
+    layers = TINY["depth"] + 2  # stem, blocks, head
+    expected = lambda layer: 1e-3 * 0.5 ** (layers - 1 - layer)
+    assert lr[id(params["patch_embed.proj.weight"])] == pytest.approx(expected(0))
+    assert lr[id(params["pos_embed"])] == pytest.approx(expected(0))
+    for i in range(TINY["depth"]):
+        assert lr[id(params[f"blocks.{i}.attn.qkv.weight"])] == pytest.approx(expected(i + 1))
+    assert lr[id(params["head.weight"])] == pytest.approx(1e-3)
+
+
+class _RecordLR(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_every_step():
+    record = _RecordLR()
+    model = tiny(lr=1e-3, warmup_epochs=1, min_lr_ratio=0.1)
+    fit(model, max_epochs=4, callbacks=[record], limit_train_batches=3, limit_val_batches=0)
+    lrs = record.lrs
+    steps_per_epoch = len(lrs) // 4
+    warm = lrs[:steps_per_epoch]
+    assert warm == pytest.approx([1e-3 * (i + 1) / steps_per_epoch for i in range(steps_per_epoch)])
+    decay = lrs[steps_per_epoch:]
+    assert decay[0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in itertools.pairwise(decay))  # strictly falling at every step
+    total = len(lrs)
+    progress = (total - 1 - steps_per_epoch) / (total - steps_per_epoch)
+    assert lrs[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+
+
+def test_frozen_backbone_trains_only_the_head():
+    model = tiny(freeze_backbone=True, lr=1e-2)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    fit(model, limit_train_batches=2, limit_val_batches=0)
+    after = model.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_ema_weights_serve_validation_and_checkpoints(tmp_path):
+    model = tiny(ema_decay=0.5, lr=1e-2)
+    trainer = fit(model, limit_train_batches=3, limit_val_batches=1)
+    path = tmp_path / "ema.ckpt"
+    trainer.save_checkpoint(path)
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.ema.module(x))
+        assert not torch.allclose(model.model(x), model.ema.module(x), atol=1e-4)  # the control
+        assert torch.load(path, weights_only=True)["vit"]["weights_prefix"] == "ema.module."
+        exported, _ = vit.load_model(path)
+        assert torch.allclose(exported.eval()(x), model.ema.module(x), atol=1e-6)
+
+
+def test_mixup_and_cutmix_train_on_soft_targets_even_with_odd_batches():
+    model = tiny(mixup_alpha=0.8, cutmix_alpha=1.0)
+    calls = []
+    original = SoftTargetCrossEntropy.forward
+    SoftTargetCrossEntropy.forward = lambda self, x, target: calls.append(target.shape) or original(self, x, target)
+    try:
+        fit(model, digits(batch_size=63), limit_train_batches=2, limit_val_batches=0)
+    finally:
+        SoftTargetCrossEntropy.forward = original
+    assert calls == [torch.Size([62, 10])] * 2  # soft targets over 10 classes; one image dropped to pair them
+
+
+def test_class_count_mismatch_without_head_reset_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_classes=3 but the data \(DigitsDataModule\) has 10 classes"):
+        fit(tiny(num_classes=3, config={"num_classes": 3}), limit_train_batches=1)
+
+
+def test_num_classes_none_gives_a_new_head_for_the_data(tmp_path):
+    model = tiny(num_classes=None, config={"num_classes": 4}, ema_decay=0.9)
+    trainer = fit(model, limit_train_batches=1, limit_val_batches=1)
+    assert model.model.head.out_features == 10 and model.ema.module.head.out_features == 10
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    assert ViTClassifier.load_from_checkpoint(tmp_path / "m.ckpt").model.num_classes == 10
+
+
+def test_checkpoint_carries_the_vit_contract_in_plain_values(tmp_path):
+    model = tiny()
+    trainer = fit(model, limit_train_batches=2, limit_val_batches=1)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # plain values only: no pickled objects
+    meta = checkpoint["vit"]
+    assert meta["model_config"] == model.model.cfg.to_dict()
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["weights_prefix"] == "model."
+    assert meta["data_config"] == {
+        "input_size": [1, 8, 8],
+        "interpolation": "bicubic",
+        "mean": [0.5],
+        "std": [0.5],
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    create_transform(**meta["data_config"])  # timm understands it
+    assert all(k.startswith(("model.", "val_metrics", "test_metrics")) for k in checkpoint["state_dict"])
+
+    x = torch.randn(3, 1, 8, 8)
+    restored = ViTClassifier.load_from_checkpoint(path).eval()
+    assert restored.class_names == meta["class_names"] and restored.data_config == meta["data_config"]
+    fresh = vit.VisionTransformer(vit.ViTConfig(**meta["model_config"]))
+    vit.load_pretrained(fresh, path)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        assert torch.allclose(restored(x), expected, atol=1e-6)
+        assert torch.allclose(fresh.eval()(x), expected, atol=1e-6)

@@ -1,0 +1,404 @@
+"""LightningDataModules: scikit-learn's digits, CIFAR-10/100 and ImageNet-style folders.
+
+Every module decodes images lazily, splits them, and transforms them with timm's `create_transform` from the
+model's data config (input size, mean, std, interpolation, crop), which the trainer's LightningModule supplies
+at `setup`. Training images are augmented; validation and test images never are. An image that cannot be
+read is dropped from its batch and counted, and one warning names the count at the end of each stage.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from timm.data import create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from vit.datasets import (
+    ArrayImages,
+    FileImages,
+    ImageDataset,
+    batch_random_resized_crop,
+    carve,
+    class_folders,
+    collate_skipping,
+    read_cifar_file,
+)
+
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+def default_num_workers() -> int:
+    """Loader processes: all cores but one, which the training loop keeps (at most 8)."""
+    return min(8, max(1, len(os.sched_getaffinity(0)) - 1))
+
+
+def plain_data_config(config: dict[str, Any]) -> dict[str, Any]:
+    """timm's data config with lists instead of tuples and only the keys `create_transform` needs."""
+    out = {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
+    out["input_size"] = [int(v) for v in out["input_size"]]
+    channels = out["input_size"][0]
+    for key in ("mean", "std"):
+        values = [float(v) for v in out[key]]
+        # timm's defaults are RGB; a grey model without its own statistics gets their average
+        out[key] = values if len(values) == channels else [sum(values) / len(values)] * channels
+    out["crop_pct"] = float(out["crop_pct"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ data modules
+class VisionDataModule(L.LightningDataModule):
+    """What every data module shares: preprocessing from the model, augmentation, loaders, skip counting.
+
+    Subclasses set `class_names` and implement `_splits(stage)`, returning {split: (source, indices)}.
+
+    Args:
+        batch_size: images per batch.
+        num_workers: loader processes; None: all cores but one.
+        val_fraction: share of the training images carved out for validation, when there is no other.
+        split_seed: seed of that split (independent of the training seed, so runs compare).
+        preprocessing: timm data-config keys (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`,
+            `crop_mode`) that override the model's own.
+        auto_augment: timm's RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'; None: off.
+        re_prob: random-erasing probability.
+        hflip: horizontal-flip probability.
+        scale: area range of the random resized crop.
+        color_jitter: colour-jitter strength (ignored by timm while RandAugment is on); None: off.
+    """
+
+    # Small sets: every split is transformed once (no augmentation) and kept as tensors; training batches are
+    # then augmented as whole batches on the device (`batch_augment`), so loading is never the bottleneck.
+    in_memory = False
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        preprocessing: dict[str, Any] | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.08, 1.0),
+        color_jitter: float | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.preprocessing = dict(preprocessing or {})  # hparams keeps what the user passed
+        self.class_names: list[str] | None = None
+        self.data_config: dict[str, Any] | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+        self.skipped: dict[str, str] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes (known once the data set was found, at the latest after `setup`)."""
+        if self.class_names is None:
+            raise RuntimeError(f"{type(self).__name__}: class names are known after setup()")
+        return len(self.class_names)
+
+    def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:
+        """{split: (image source, indices)} for the splits named in `needed` ('train', 'val', 'test')."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Resolve the preprocessing, then build the splits `stage` needs."""
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer else None
+        # Without a model (the module used on its own) timm's ImageNet defaults fill what is not given.
+        base = getattr(model, "pretrained_cfg", None) or {"input_size": (3, 224, 224)}
+        config = resolve_data_config(args=self.preprocessing, pretrained_cfg=base)
+        self.data_config = plain_data_config(config)
+        mode = {1: "L", 3: "RGB"}[self.data_config["input_size"][0]]
+        for split, (source, indices) in self._splits(STAGE_SPLITS[stage]).items():
+            augment = split == "train" and not self.in_memory
+            transform = self.train_transform() if augment else self.eval_transform()
+            self.datasets[split] = ImageDataset(source, indices, transform, mode, cache=self.in_memory)
+
+    def train_transform(self) -> Any:
+        """timm's training pipeline: random resized crop, flip, RandAugment, normalise, random erasing."""
+        c, h = self.data_config, self.hparams
+        return create_transform(
+            c["input_size"],
+            is_training=True,
+            scale=tuple(h.scale),
+            hflip=h.hflip,
+            color_jitter=h.color_jitter,
+            auto_augment=h.auto_augment,
+            re_prob=h.re_prob,
+            interpolation=c["interpolation"],
+            mean=c["mean"],
+            std=c["std"],
+        )
+
+    def eval_transform(self) -> Any:
+        """timm's evaluation pipeline: resize, centre crop (crop_pct), normalise; no randomness."""
+        return create_transform(**self.data_config)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"{type(self).__name__} has no {split} split")
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.hparams.batch_size,  # even batches for Mixup/CutMix
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if len(batch) == 3:  # some images were unreadable: remember them, pass the rest on
+            self.skipped.update(dict(batch[2]))
+            batch = batch[:2]
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.in_memory and self.trainer is not None and self.trainer.training:
+            batch = (self.batch_augment(batch[0]), *batch[1:])
+        return batch
+
+    def batch_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Training augmentation of a whole batch (B, C, H, W): random resized crop, flip, random erasing."""
+        h = self.hparams
+        x = batch_random_resized_crop(x, tuple(h.scale))
+        if h.hflip > 0:
+            flip = torch.rand(len(x), device=x.device) < h.hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if h.re_prob > 0:
+            x = RandomErasing(h.re_prob, mode="const", device=x.device)(x)
+        return x
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped:
+            name, reason = next(iter(self.skipped.items()))
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable image(s), e.g. {name} ({reason})", UserWarning, stacklevel=1
+            )
+            self.skipped.clear()
+
+
+class DigitsDataModule(VisionDataModule):
+    """scikit-learn's bundled 8x8 digits (1,797 images), offline and held in memory as tensors.
+
+    The test split is fixed: `train_test_split(test_size=0.2, random_state=0, stratify=y)`, 360 images;
+    validation is carved from the other 80%. Augmentation is a mild random resized crop of whole batches;
+    digits are not mirror-symmetric, so there is no flip by default.
+    """
+
+    in_memory = True
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | None = 0,  # in memory: worker processes would only add start-up time
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        preprocessing: dict[str, Any] | None = None,
+        re_prob: float = 0.0,
+        hflip: float = 0.0,
+        scale: tuple[float, float] = (0.7, 1.0),
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            # The whole 8x8 digit is the object: no border to crop away at evaluation.
+            preprocessing={"crop_pct": 1.0, **(preprocessing or {})},
+            auto_augment=None,
+            re_prob=re_prob,
+            hflip=hflip,
+            scale=scale,
+        )
+        self.class_names = [str(d) for d in range(10)]
+
+    def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255 grey levels
+        source = ArrayImages(images, digits.target, "digits")
+        everything = np.arange(len(images))
+        rest, test = train_test_split(everything, test_size=0.2, random_state=0, stratify=digits.target)
+        train, val = carve(source.targets, rest, self.hparams.val_fraction, self.hparams.split_seed)
+        splits = {"train": train, "val": val, "test": sorted(test.tolist())}
+        return {split: (source, splits[split]) for split in needed}
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """ImageNet-style folders: `train_dir/<class>/<image>`; optional `val_dir` and `test_dir` in the same
+    layout. Without `val_dir`, validation is carved from `train_dir`. Class names are the training folder's
+    sub-folder names, sorted; the other folders are mapped by name."""
+
+    def __init__(
+        self,
+        train_dir: str | Path,
+        val_dir: str | Path | None = None,
+        test_dir: str | Path | None = None,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        preprocessing: dict[str, Any] | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.08, 1.0),
+        color_jitter: float | None = None,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            preprocessing=preprocessing,
+            auto_augment=auto_augment,
+            re_prob=re_prob,
+            hflip=hflip,
+            scale=scale,
+            color_jitter=color_jitter,
+        )
+        self.train_dir = Path(train_dir)
+        self.class_names = class_folders(self.train_dir)
+        if not self.class_names:
+            raise ValueError(f"{self.train_dir}: no class folders (expected {self.train_dir}/<class>/<image>)")
+
+    def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:
+        splits: dict[str, tuple[Any, list[int]]] = {}
+        val_dir, test_dir = self.hparams.val_dir, self.hparams.test_dir
+        if "train" in needed or ("val" in needed and val_dir is None):
+            train = self._scan(self.train_dir)
+            kept, val = range(len(train.targets)), None
+            if val_dir is None:
+                kept, val = carve(train.targets, kept, self.hparams.val_fraction, self.hparams.split_seed)
+            splits["train"] = (train, list(kept))
+            if val is not None:
+                splits["val"] = (train, val)
+        if "val" in needed and val_dir is not None:
+            source = self._scan(Path(val_dir))
+            splits["val"] = (source, list(range(len(source.targets))))
+        if "test" in needed and test_dir is not None:
+            source = self._scan(Path(test_dir))
+            splits["test"] = (source, list(range(len(source.targets))))
+        return {k: v for k, v in splits.items() if k in needed}
+
+    def _scan(self, folder: Path) -> FileImages:
+        """The images under `folder/<class>/`, labelled by the training folder's class list."""
+        found = class_folders(folder)
+        unknown = sorted(set(found) - set(self.class_names))
+        if unknown:
+            raise ValueError(f"{folder}: class folders not in {self.train_dir}: {', '.join(unknown[:5])}")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not samples:
+            raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(IMG_EXTENSIONS)})")
+        return FileImages(samples)
+
+
+class CIFAR10DataModule(VisionDataModule):
+    """CIFAR-10 through torchvision's download and on-disk layout (`data_dir/cifar-10-batches-py/`); the
+    official test set is the test split and validation is carved from the 50,000 training images."""
+
+    dataset_name = "CIFAR10"
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        download: bool = True,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        preprocessing: dict[str, Any] | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.35, 1.0),
+        color_jitter: float | None = None,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            # CIFAR images are the whole object at the model's size: no centre crop at evaluation.
+            preprocessing={"crop_pct": 1.0, **(preprocessing or {})},
+            auto_augment=auto_augment,
+            re_prob=re_prob,
+            hflip=hflip,
+            scale=scale,
+            color_jitter=color_jitter,
+        )
+        import torchvision.datasets
+
+        self.spec = getattr(torchvision.datasets, self.dataset_name)  # URLs, checksums, file names
+        self.root = Path(data_dir) / self.spec.base_folder
+
+    def prepare_data(self) -> None:
+        if self.hparams.download and not all((self.root / name).is_file() for name, _ in self._files()):
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            spec = self.spec
+            download_and_extract_archive(spec.url, str(self.hparams.data_dir), filename=spec.filename, md5=spec.tgz_md5)
+
+    def _files(self) -> list[tuple[str, str]]:
+        return [*self.spec.train_list, *self.spec.test_list, (self.spec.meta["filename"], "")]
+
+    def _read(self, names: list[list[str]]) -> ArrayImages:
+        images, targets = [], []
+        for name, _md5 in names:
+            entry = read_cifar_file(self.root / name)
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        return ArrayImages(np.concatenate(images).transpose(0, 2, 3, 1), targets, f"{self.dataset_name}")
+
+    def setup(self, stage: str) -> None:
+        missing = [name for name, _ in self._files() if not (self.root / name).is_file()]
+        if missing:
+            hint = "" if self.hparams.download else "; pass --data.download true to fetch it"
+            raise FileNotFoundError(f"{self.root}: no {self.dataset_name} copy (missing {missing[0]}){hint}")
+        meta = read_cifar_file(self.root / self.spec.meta["filename"])
+        self.class_names = [str(n) for n in meta[self.spec.meta["key"]]]
+        super().setup(stage)
+
+    def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:
+        splits: dict[str, tuple[Any, list[int]]] = {}
+        if "train" in needed or "val" in needed:
+            train = self._read(self.spec.train_list)
+            kept, val = carve(
+                train.targets, range(len(train.targets)), self.hparams.val_fraction, self.hparams.split_seed
+            )
+            splits["train"], splits["val"] = (train, kept), (train, val)
+        if "test" in needed:
+            test = self._read(self.spec.test_list)
+            splits["test"] = (test, list(range(len(test.targets))))
+        return {k: v for k, v in splits.items() if k in needed}
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (fine labels), otherwise as `CIFAR10DataModule`."""
+
+    dataset_name = "CIFAR100"

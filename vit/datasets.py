@@ -1,0 +1,155 @@
+"""Where images come from (files, in-memory arrays, CIFAR's python batches) and the Dataset that decodes and
+transforms them, turning an unreadable image into a `Skipped` marker that `collate_skipping` drops."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, default_collate
+
+# What PIL raises for a missing, truncated or undecodable file.
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class FileImages:
+    """Labelled image files, decoded on demand."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]]):
+        self.paths = [p for p, _ in samples]
+        self.targets = [t for _, t in samples]
+
+    def load(self, i: int, mode: str) -> Image.Image:
+        with Image.open(self.paths[i]) as im:
+            return im.convert(mode)  # decodes the whole file, so a truncated one fails here
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+
+class ArrayImages:
+    """Labelled images held in memory as a uint8 array (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], label: str):
+        self.images, self.targets, self.label = images, [int(t) for t in targets], label
+
+    def load(self, i: int, mode: str) -> Image.Image:
+        return Image.fromarray(self.images[i]).convert(mode)
+
+    def name(self, i: int) -> str:
+        return f"{self.label}[{i}]"
+
+
+class Skipped(tuple):
+    """A sample that could not be read: (name, reason). The collate function drops it."""
+
+
+class ImageDataset(Dataset):
+    """A split of an image source: decode, convert to the model's channels, transform.
+
+    With `cache=True` (small eval splits held in memory) every item is transformed once, up front.
+    """
+
+    def __init__(self, source: Any, indices: Sequence[int], transform: Any, mode: str, cache: bool = False):
+        self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
+        self.cached = [self._read(i) for i in range(len(self.indices))] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
+        return self.cached[i] if self.cached is not None else self._read(i)
+
+    def _read(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
+        j = self.indices[i]
+        try:
+            image = self.source.load(j, self.mode)
+            return self.transform(image), self.source.targets[j]
+        except READ_ERRORS as e:
+            return Skipped((self.source.name(j), f"{type(e).__name__}: {e}"))
+
+
+def collate_skipping(items: list[Any]) -> tuple:
+    """`default_collate` over the readable items; unreadable ones ride along as a third element."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    x, y = default_collate(good) if good else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    return (x, y, skipped) if skipped else (x, y)
+
+
+def batch_random_resized_crop(
+    x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """timm's random resized crop for a whole batch (B, C, H, W) at once: each image gets its own crop (area
+    fraction in `scale`, aspect ratio in `ratio`), resampled bilinearly to the same size."""
+    b = len(x)
+    area = torch.empty(b, device=x.device).uniform_(*scale)
+    log_ratio = torch.empty(b, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width and height as fractions of the image
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - h)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def carve(targets: Sequence[int], indices: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
+    """Split `indices` into (kept, carved) with `fraction` carved out, stratified by class where possible."""
+    indices = np.asarray(indices)
+    labels = np.asarray(targets)[indices]
+    n_carved = round(len(indices) * fraction)
+    if n_carved == 0 or n_carved == len(indices):
+        raise ValueError(f"val_fraction={fraction} leaves no training or no validation images of {len(indices)}")
+    counts = np.unique(labels, return_counts=True)[1]
+    # sklearn stratifies only when every class has 2+ images and each side can hold one of every class
+    can_stratify = counts.min() >= 2 and min(n_carved, len(indices) - n_carved) >= len(counts)
+    stratify = labels if can_stratify else None
+    kept, carved = train_test_split(indices, test_size=n_carved, random_state=seed, stratify=stratify)
+    return sorted(kept.tolist()), sorted(carved.tolist())
+
+
+def class_folders(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python files are pickles of numpy arrays and lists: allow exactly that and nothing that could
+    run code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a plain numpy array")
+        return super().find_class(module, name)
+
+
+def read_cifar_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR batch file ({e})") from None

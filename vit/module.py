@@ -1,0 +1,268 @@
+"""`ViTClassifier`: the training logic around a `VisionTransformer` (loss, Mixup/CutMix, AdamW with layer-wise
+LR decay, warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that `vit.weights` reads."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from timm.data import Mixup, resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from vit.data import plain_data_config
+from vit.factory import create_model
+from vit.model import VisionTransformer, ViTConfig
+from vit.weights import read_checkpoint, transfer_weights
+
+TRAINABLE_WHEN_FROZEN = ("head.", "fc_norm.")  # a frozen backbone still trains the classifier
+
+
+def warmup_cosine(step: int, warmup: int, total: float, floor: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not math.isfinite(total):  # no known end (time-limited run): hold the peak
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ViTClassifier(L.LightningModule):
+    """Image classification with a `VisionTransformer` (`self.model`); `forward(x)` returns logits.
+
+    Args:
+        model_name: a variant from `vit models`, e.g. 'vit_nano_patch4_32'; None: the architecture of
+            `pretrained` (a checkpoint that carries its config, such as a `vit fit` .ckpt).
+        model_overrides: `ViTConfig` fields that change the variant, e.g. {'depth': 4, 'drop_path_rate': 0.1}.
+        model_config: a whole `ViTConfig` as a dict; used instead of `model_name` when given.
+        pretrained: starting weights: a timm name or tag, or a local file in any format `vit.load_pretrained`
+            reads. A new input size resamples the position embeddings; a new class count resets the head.
+        img_size: input size (a pretrained model is resampled to it).
+        num_classes: classes of the head; None: as many as the data has. A number that differs from the
+            data's is an error.
+        lr: peak learning rate (AdamW), reached after `warmup_epochs`, then cosine decay to `lr * min_lr_ratio`.
+        weight_decay: AdamW weight decay; never applied to norms, biases, position embeddings and tokens.
+        layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.75): block i gets lr * decay^(depth - i).
+        freeze_backbone: train only the head (and the final norm of 'avg' pooling).
+        label_smoothing: for the cross-entropy (and the Mixup targets).
+        mixup_alpha, cutmix_alpha: timm's Mixup/CutMix strengths; 0 turns each off.
+        ema_decay: keep an exponential moving average of the weights, used for validation, test and export.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = "vit_nano_patch4_32",
+        model_overrides: dict[str, Any] | None = None,
+        model_config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        img_size: int | None = None,
+        num_classes: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        layer_decay: float | None = None,
+        freeze_backbone: bool = False,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = self._build_model()
+        self.class_names: list[str] | None = None
+        self.data_config: dict[str, Any] | None = None
+        self._prepare_training_parts()
+
+    # ------------------------------------------------------------------------------------------ model
+    def _build_model(self) -> VisionTransformer:
+        model = self._make_model()
+        # The input size is this model's own, whatever the checkpoint's preprocessing said (vit.weights copies
+        # the source's input_size into pretrained_cfg, which is wrong after resampling to a new size).
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model.cfg.in_chans, *model.cfg.img_hw)}
+        return model
+
+    def _make_model(self) -> VisionTransformer:
+        h = self.hparams
+        overrides = dict(h.model_overrides or {})
+        if h.model_config is None and h.model_name is not None:
+            return create_model(
+                h.model_name,
+                pretrained=h.pretrained or False,
+                num_classes=h.num_classes,
+                img_size=h.img_size,
+                **overrides,
+            )
+        checkpoint = read_checkpoint(h.pretrained) if h.pretrained else None
+        config = h.model_config or (checkpoint.model_config if checkpoint else None)
+        if config is None:
+            where = f"{h.pretrained} carries no model config; " if checkpoint else ""
+            raise ValueError(f"{where}set model_name (a variant from `vit models`) or model_config")
+        given = {"img_size": h.img_size, "num_classes": h.num_classes}
+        model = VisionTransformer(
+            ViTConfig(**{**config, **overrides, **{k: v for k, v in given.items() if v is not None}})
+        )
+        if checkpoint is not None:
+            transfer_weights(model, checkpoint)  # resamples position embeddings, resets a differing head
+        return model
+
+    def _prepare_training_parts(self) -> None:
+        """What depends on the head: frozen parameters, EMA copy, metrics, Mixup."""
+        h, n = self.hparams, self.model.num_classes
+        if h.freeze_backbone:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith(TRAINABLE_WHEN_FROZEN))
+        self.ema = ModelEmaV3(self.model, decay=h.ema_decay, use_warmup=True) if h.ema_decay else None
+        if self.ema is not None:  # timm leaves the copy in eval mode; let Lightning switch it with the rest
+            self.ema.train(self.training)
+        if n >= 2:  # a headless model (num_classes=0) gets its head, and metrics, from the data at setup
+            accuracy = partial(MulticlassAccuracy, n, average="micro")
+            metrics = MetricCollection({"acc": accuracy(top_k=1), "acc5": accuracy(top_k=min(5, n))})
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.test_metrics = metrics.clone(prefix="test/")
+        mixing = h.mixup_alpha > 0 or h.cutmix_alpha > 0
+        self.mixup = (
+            Mixup(
+                mixup_alpha=h.mixup_alpha, cutmix_alpha=h.cutmix_alpha, label_smoothing=h.label_smoothing, num_classes=n
+            )
+            if mixing
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes); in eval mode from the EMA weights when EMA is on."""
+        net = self.ema.module if self.ema is not None and not self.training else self.model
+        return net(x)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """Match the head to the data's classes and take the data's preprocessing and class names."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and getattr(datamodule, "class_names", None):
+            self._match_classes(len(datamodule.class_names), type(datamodule).__name__)
+            self.class_names = list(datamodule.class_names)
+        data_config = getattr(datamodule, "data_config", None)
+        if data_config is not None:
+            expected = [self.model.cfg.in_chans, *self.model.cfg.img_hw]
+            if list(data_config["input_size"]) != expected and not self.model.cfg.dynamic_img_size:
+                raise ValueError(
+                    f"the data's input_size {list(data_config['input_size'])} differs from the model's {expected}; "
+                    "set --model.img_size (or drop input_size from --data.preprocessing)"
+                )
+            self.data_config = plain_data_config(data_config)
+        if self.data_config is None:
+            self.data_config = plain_data_config(resolve_data_config(model=self.model))
+
+    def _match_classes(self, n: int, where: str) -> None:
+        have = self.model.num_classes
+        if have == n:
+            return
+        if self.hparams.num_classes is not None:
+            raise ValueError(
+                f"the model has num_classes={have} but the data ({where}) has {n} classes; "
+                f"set --model.num_classes {n}, or null to follow the data"
+            )
+        self.model.reset_classifier(n)
+        self._prepare_training_parts()
+        rank_zero_info(f"vit: a new {n}-class head for the data (the model had {have} outputs)")
+
+    # --------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = batch[0], batch[1]
+        if self.mixup is not None and len(x) % 2:  # timm's batch Mixup pairs images: drop an odd one out
+            x, y = x[:-1], y[:-1]
+        if len(x) == 0:
+            return None  # every image of the batch was unreadable
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)
+            loss = SoftTargetCrossEntropy()(self.model(x), soft)
+        else:
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        self.log("train/lr", self.optimizers().param_groups[-1]["lr"], batch_size=len(x))
+        return loss
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.ema is not None:  # once per optimiser step, after it
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def _evaluate(self, batch: Any, metrics: MetricCollection, split: str) -> None:
+        x, y = batch[0], batch[1]
+        if len(x) == 0:
+            return
+        logits = self(x)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(x))
+        metrics.update(logits, y)
+        self.log_dict(metrics, prog_bar=True, batch_size=len(x))
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters: no decay on norms, biases, position embeddings and tokens
+        (timm reads `no_weight_decay()`), and per-block LR scales with `layer_decay` (from `group_matcher()`)."""
+        h = self.hparams
+        device = next(self.model.parameters()).device.type
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt="adamw",
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            layer_decay=h.layer_decay,
+            betas=tuple(h.betas),
+            fused=device in ("cpu", "cuda") or None,  # one kernel for all parameters: several times faster
+        )
+        for group in optimizer.param_groups:  # timm's schedulers apply lr_scale; with LambdaLR we bake it in
+            group["lr"] = h.lr * group.get("lr_scale", 1.0)
+        return optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        warmup = max(1, round(self.hparams.warmup_epochs * per_epoch))
+        schedule = partial(warmup_cosine, warmup=warmup, total=float(total), floor=self.hparams.min_lr_ratio)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write the `vit` entry (model config, class names, preprocessing, which weights to use) and make the
+        saved hyperparameters rebuild this exact model without fetching `pretrained` again."""
+        checkpoint["vit"] = {
+            "model_config": self.model.cfg.to_dict(),
+            "class_names": list(self.class_names) if self.class_names else None,
+            "data_config": plain_data_config(self.data_config or resolve_data_config(model=self.model)),
+            "weights_prefix": "ema.module." if self.ema is not None else "model.",
+        }
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            rebuilt = {"model_config": self.model.cfg.to_dict(), "model_overrides": None, "pretrained": None}
+            checkpoint["hyper_parameters"] = {
+                **hparams,
+                **rebuilt,
+                "img_size": None,
+                "num_classes": self.model.num_classes,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("vit") or {}
+        self.class_names = meta.get("class_names")
+        self.data_config = meta.get("data_config")

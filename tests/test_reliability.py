@@ -1,0 +1,181 @@
+"""Reliability: checkpoints that would run code are refused by every loader, a non-finite loss stops training
+without spoiling the checkpoints, and two runs with the same seed agree exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_checkpoints import tiny_model, write_lightning_ckpt
+
+import vit
+from vit.cli import main
+from vit.module import ViTClassifier
+from vit.weights import CheckpointError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_DIGITS = [
+    "--config",
+    str(CONFIGS / "digits.yaml"),
+    "--model.model_overrides",
+    json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}),
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.limit_val_batches",
+    "1",
+]
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the attack a checkpoint from a stranger could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.fixture
+def evil(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(a `vit fit`-style .ckpt that also carries the payload, the marker it would write). The environment
+    asks torch to unpickle everything wherever a caller leaves weights_only unset, as Lightning does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "marker"
+    path = write_lightning_ckpt(tmp_path / "evil.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"] = {"model_config": tiny_model().cfg.to_dict(), "model_name": None}
+    checkpoint["callbacks"] = {"hook": _Payload(marker)}
+    torch.save(checkpoint, path)
+    return path, marker
+
+
+def test_the_payload_is_live_when_unpickled_without_weights_only(evil):
+    path, marker = evil
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "ran"  # so a marker-free run below means the payload was refused, not inert
+
+
+def test_python_loaders_refuse_the_payload(evil):
+    path, marker = evil
+    with pytest.raises(CheckpointError, match="refused to load"):
+        vit.load_pretrained(tiny_model(), path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        vit.load_model(path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused to load"):
+        ViTClassifier.load_from_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "x.png", "--checkpoint", "evil.ckpt"],
+        ["attention", "x.png", "--checkpoint", "evil.ckpt", "--out", "a.png"],
+        ["export", "--checkpoint", "evil.ckpt", "--out", "m.safetensors"],
+        ["fit", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
+        ["validate", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
+    ],
+    ids=["predict", "attention", "export", "fit-resume", "validate"],
+)
+def test_every_command_refuses_the_payload_in_one_line(evil, command, capsys):
+    from PIL import Image
+
+    _, marker = evil
+    Image.new("RGB", (32, 32)).save("x.png")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evil.ckpt: refused to load" in err and "Traceback" not in err
+    assert not marker.exists() and not Path("a.png").exists() and not Path("m.safetensors").exists()
+
+
+def _fit(*extra: str) -> int:
+    return main(["fit", *TINY_DIGITS, "--trainer.limit_train_batches", "3", *extra])
+
+
+def test_our_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    checkpoint = torch.load("runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
+
+    def plain(value: object) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    assert plain(checkpoint["hyper_parameters"]) and plain(checkpoint["vit"])
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    poisoned_from = 4  # epoch 0 is steps 0-2 and ends with a checkpoint; step 4 is the second of epoch 1
+    original = ViTClassifier.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= poisoned_from else loss
+
+    monkeypatch.setattr(ViTClassifier, "training_step", poisoned)
+    assert _fit("--trainer.max_epochs", "3") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"at step {poisoned_from} (epoch 1, batch 1)" in err
+    last = tmp_path / "runs/digits/version_0/checkpoints/last.ckpt"
+    assert str(last.relative_to(tmp_path)) in err
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics_and_weights(tmp_path, monkeypatch):
+    runs = []
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        assert _fit("--trainer.max_epochs", "2") == 0
+        run = Path("runs/digits/version_0")
+        checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+        runs.append(((run / "metrics.csv").read_text(), checkpoint["state_dict"]))
+    (metrics_a, weights_a), (metrics_b, weights_b) = runs
+    assert "val/acc" in metrics_a and metrics_a == metrics_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_images_that_go_bad_during_a_run_are_skipped_and_counted(tmp_path):
+    import lightning as L
+    from _images import write_image_folder
+
+    from vit.data import ImageFolderDataModule
+
+    spoiled: list[str] = []
+
+    class Spoil(L.Callback):
+        """After setup, before the first batch: cut one training image short and delete another."""
+
+        def on_train_start(self, trainer, pl_module):
+            train = trainer.datamodule.datasets["train"]
+            first, second = (train.source.paths[j] for j in train.indices[:2])
+            Path(first).write_bytes(Path(first).read_bytes()[:60])
+            Path(second).unlink()
+            spoiled.extend([first, second])
+
+    data = ImageFolderDataModule(
+        write_image_folder(tmp_path / "train"), batch_size=4, num_workers=0, auto_augment=None, re_prob=0.0
+    )
+    module = ViTClassifier(
+        img_size=16, model_overrides={"embed_dim": 16, "depth": 1, "num_heads": 2}, num_classes=None, warmup_epochs=0
+    )
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[Spoil()], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)") as record:
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step > 0 and trainer.current_epoch == 2  # the run went on to its end
+    message = next(str(w.message) for w in record if "unreadable" in str(w.message))
+    assert any(path in message for path in spoiled)

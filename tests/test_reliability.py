@@ -131,6 +131,29 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_che
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
+def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path, monkeypatch, capsys):
+    import lightning as L
+
+    monkeypatch.chdir(tmp_path)
+
+    def overflow(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 6:  # the last step of epoch 1, after its optimiser step; its loss was finite
+            with torch.no_grad():
+                pl_module.model.head.weight.fill_(float("inf"))
+
+    monkeypatch.setattr(L.Callback, "on_train_batch_end", overflow)  # every callback the CLI builds does it
+    # save_top_k -1: a checkpoint after every epoch, whatever the score (Lightning writes last.ckpt only then)
+    assert _fit("--trainer.max_epochs", "3", "--checkpoint.save_top_k", "-1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights hold NaN or inf at step 6 (epoch 1), e.g. model.head.weight" in err
+    folder = tmp_path / "runs/digits/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no epoch-1 file
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = torch.load(folder / name, weights_only=True)
+        assert checkpoint["global_step"] == 3
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
 def test_two_runs_with_the_same_seed_give_identical_metrics_and_weights(tmp_path, monkeypatch):
     runs = []
     for name in ("a", "b"):

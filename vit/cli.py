@@ -200,7 +200,7 @@ def _lightning_main(argv: list[str]) -> int:
         print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that went wrong, not a bad command line
-        if type(e).__name__ != "NonFiniteLossError":  # by name: importing vit.safety imports Lightning
+        if type(e).__name__ != "NonFiniteTrainingError":  # by name: importing vit.safety imports Lightning
             raise
         print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
         return 1

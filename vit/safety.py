@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from vit.weights import _torch_load
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step."""
+class NonFiniteTrainingError(RuntimeError):
+    """The training loss or the weights became NaN or infinite; the message names the step."""
 
 
 def check_checkpoint(path: Any) -> None:
@@ -29,15 +29,28 @@ def check_checkpoint(path: Any) -> None:
 
 class StopOnNonFiniteLoss(Callback):
     """Stop at the first NaN/inf training loss, before its backward pass and optimiser step, so the weights
-    (and every checkpoint written from them) stay those of the last good step."""
+    (and every checkpoint written from them) stay those of the last good step; and never write a checkpoint
+    of non-finite weights (a step whose loss was finite can still overflow them)."""
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         value = float(loss.detach())
         if math.isfinite(value):
             return
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-        raise NonFiniteLossError(
+        raise NonFiniteTrainingError(
             f"the training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
             f"batch {trainer.fit_loop.epoch_loop.batch_idx}); training stopped before this step changed the "
-            f"weights; last checkpoint: {last}"
+            f"weights; last checkpoint: {_last(trainer)}"
         )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # runs before the file is written: raising here leaves the previous checkpoint as it was
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise NonFiniteTrainingError(
+                f"the weights hold NaN or inf at step {trainer.global_step} (epoch {trainer.current_epoch}), e.g. "
+                f"{bad[0]}; the checkpoint was not written; last checkpoint: {_last(trainer)}"
+            )
+
+
+def _last(trainer: L.Trainer) -> str:
+    return getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"

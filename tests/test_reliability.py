@@ -112,6 +112,16 @@ def test_our_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(t
     assert plain(checkpoint["hyper_parameters"]) and plain(checkpoint["vit"])
 
 
+def test_resuming_our_own_checkpoint_works_under_weights_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    # save_top_k -1: last.ckpt is written after the epoch whatever val/acc did
+    assert _fit("--trainer.max_epochs", "2", "--checkpoint.save_top_k", "-1", "--ckpt_path", last) == 0
+    resumed = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 6  # went on from step 3, not from scratch
+
+
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     poisoned_from = 4  # epoch 0 is steps 0-2 and ends with a checkpoint; step 4 is the second of epoch 1

@@ -199,6 +199,11 @@ def _lightning_main(argv: list[str]) -> int:
     except USER_ERRORS as e:
         print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that went wrong, not a bad command line
+        if type(e).__name__ != "NonFiniteTrainingError":  # by name: importing vit.safety imports Lightning
+            raise
+        print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,6 +216,7 @@ def _lightning_cli_class() -> type:
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
+    from vit.safety import StopOnNonFiniteLoss, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
@@ -258,12 +264,23 @@ def _lightning_cli_class() -> type:
             wants_bar = config.get("enable_progress_bar") is not False
             if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StopOnNonFiniteLoss()]
             return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
+            subcommand = self.config.get("subcommand")
+            check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:
             import torch
 
-            threads = self.config[self.subcommand].get("torch_threads")
+            config = self.config[self.subcommand]
+            # Lightning's torch.load unpickles anything when asked to (or under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+            if "weights_only" in config:
+                config["weights_only"] = True
+            threads = config.get("torch_threads")
             if threads:
                 torch.set_num_threads(threads)
 

@@ -58,6 +58,134 @@ def _count_params(cfg) -> int:
         return sum(p.numel() for p in VisionTransformer(cfg).parameters())
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files and folders")
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to report per image")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: by core count)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vit.predict import Predictor, write_results
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers
+    )
+    results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
+    write_results(results, args.format, sys.stdout)
+    failed = sum(r["error"] is not None for r in results)
+    if failed:
+        print(f"vit predict: {failed} of {len(results)} inputs could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as ONNX or safetensors")
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    p.add_argument("--format", choices=("onnx", "safetensors"), help="default: from the suffix of --out")
+    p.add_argument("--out", "-o", required=True, help="the file to write")
+    p.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vit.export import FORMATS, export_checkpoint, onnx_logit_difference
+
+    fmt = args.format or Path(args.out).suffix.lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"cannot tell the format from {args.out!r}: give --format onnx or --format safetensors")
+    model, out = export_checkpoint(args.checkpoint, fmt, args.out)
+    note = ""
+    if fmt == "onnx":
+        try:
+            note = f"; onnxruntime logits within {onnx_logit_difference(model, out):.1e} of torch's"
+        except ImportError:
+            note = "; onnxruntime is not installed, so the file was not checked"
+    print(f"wrote {out} ({fmt}{note})")
+    return 0
+
+
+def _attention_parser(sub: argparse._SubParsersAction) -> None:
+    from vit.explain import METHODS
+
+    p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--checkpoint", required=True, help=".ckpt, .safetensors with its config, or a timm tag")
+    p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
+    p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
+    p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
+    p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
+    p.add_argument("--out", required=True, help="the figure to write, e.g. attention.png")
+    p.set_defaults(handler=_attention)
+
+
+def _attention(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from pathlib import Path
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    from vit.explain import explain
+    from vit.visualize import attention_figure
+    from vit.weights import load_model
+
+    chosen = {k: v for k, v in (("layer", args.layer), ("head", args.head)) if v is not None}
+    method = args.method or ("raw" if chosen else "rollout")
+    if chosen and method != "raw":
+        raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
+    if not Path(args.out).parent.is_dir():
+        raise FileNotFoundError(f"{args.out}: the folder {Path(args.out).parent} does not exist")
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{args.image}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{args.image}: not a readable image ({e})") from None
+    model, checkpoint = load_model(args.checkpoint)
+    if model.num_classes == 0:
+        raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
+    model.eval()
+    # The checkpoint's own preprocessing (timm's data-config form); the model's defaults when it has none.
+    data_config = resolve_data_config(pretrained_cfg=dict(checkpoint.data_config or {}), model=model)
+    x = create_transform(**data_config)(image.convert("L" if model.cfg.in_chans == 1 else "RGB"))[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    index = int(probs.argmax()) if args.target is None else args.target
+    if not 0 <= index < model.num_classes:
+        raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
+    heat = explain(model, x, method, target=index, **chosen)[0]
+    names = checkpoint.class_names
+    label = names[index] if names and index < len(names) else str(index)
+    mean, std = (torch.tensor(data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
+    title = f"{label} (class {index}, p={probs[index]:.3f})"
+    options = ", ".join(f"{k} {v}" for k, v in chosen.items())
+    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(args.out, dpi=120)
+    kind = "predicted" if args.target is None else "target"
+    print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _lightning_main(argv: list[str]) -> int:
     """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
     import warnings
@@ -71,6 +199,11 @@ def _lightning_main(argv: list[str]) -> int:
     except USER_ERRORS as e:
         print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that went wrong, not a bad command line
+        if type(e).__name__ != "NonFiniteTrainingError":  # by name: importing vit.safety imports Lightning
+            raise
+        print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,6 +216,7 @@ def _lightning_cli_class() -> type:
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
+    from vit.safety import StopOnNonFiniteLoss, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
@@ -130,12 +264,23 @@ def _lightning_cli_class() -> type:
             wants_bar = config.get("enable_progress_bar") is not False
             if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StopOnNonFiniteLoss()]
             return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
+            subcommand = self.config.get("subcommand")
+            check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:
             import torch
 
-            threads = self.config[self.subcommand].get("torch_threads")
+            config = self.config[self.subcommand]
+            # Lightning's torch.load unpickles anything when asked to (or under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+            if "weights_only" in config:
+                config["weights_only"] = True
+            threads = config.get("torch_threads")
             if threads:
                 torch.set_num_threads(threads)
 
@@ -169,7 +314,12 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_models_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _predict_parser,
+    _attention_parser,
+    _export_parser,
+    _models_parser,
+]
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 

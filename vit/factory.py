@@ -20,7 +20,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
-REGISTER_GAP = dict(reg_tokens=4, no_embed_class=True, global_pool="avg")
+REGISTER_GAP = dict(class_token=False, reg_tokens=4, no_embed_class=True, global_pool="avg")
+# timm's default tag for these is a headless backbone (in21k or DINO), so `timm.create_model(name)` has no head.
+HEADLESS = ("vit_small_patch8_224", "vit_large_patch32_224", "vit_huge_patch14_224")
 
 
 def _build_variants() -> dict[str, dict[str, Any]]:
@@ -33,6 +35,9 @@ def _build_variants() -> dict[str, dict[str, Any]]:
     variants["vit_huge_patch14_224"] = dict(SIZES["huge"], patch_size=14, img_size=224)
     for size in ("medium", "base"):
         variants[f"vit_{size}_patch16_reg4_gap_256"] = dict(SIZES[size], patch_size=16, img_size=256, **REGISTER_GAP)
+    variants["vit_medium_patch16_reg4_gap_256"]["init_values"] = 1e-5
+    for name in HEADLESS:
+        variants[name]["num_classes"] = 0
     for size in ("nano", "tiny", "small"):  # 32x32 inputs (CIFAR): patch 4 gives an 8x8 grid
         variants[f"vit_{size}_patch4_32"] = dict(SIZES[size], patch_size=4, img_size=32)
     return variants

@@ -223,7 +223,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, dim))
         self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.norm_pre = _norm(cfg) if cfg.pre_norm else nn.Identity()
-        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth grows with depth
+        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # grows with depth
         self.blocks = nn.Sequential(*(Block(cfg, dp) for dp in drop_path))
         use_fc_norm = cfg.global_pool == "avg" if cfg.fc_norm is None else cfg.fc_norm
         self.norm = nn.Identity() if use_fc_norm else _norm(cfg)
@@ -345,7 +345,7 @@ class VisionTransformer(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, **changes)
         old = self.head.weight if isinstance(self.head, nn.Linear) else self.pos_embed
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.to(device=old.device, dtype=old.dtype)
+        self.head.to(device=old.device, dtype=old.dtype).train(self.training)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)

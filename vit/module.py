@@ -243,6 +243,14 @@ class ViTClassifier(L.LightningModule):
         }
 
     # ------------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ViTClassifier:
+        """Lightning's loader, held to `torch.load(weights_only=True)`: a file that would run code is refused."""
+        from vit.safety import check_checkpoint  # one line naming the file, before Lightning opens it
+
+        check_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**kwargs, "weights_only": True})
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write the `vit` entry (model config, class names, preprocessing, which weights to use) and make the
         saved hyperparameters rebuild this exact model without fetching `pretrained` again."""

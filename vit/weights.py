@@ -7,6 +7,7 @@ checkpoint can never run code. Every format is converted to timm's key names, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -26,6 +27,7 @@ from torch import nn
 
 from vit.model import VisionTransformer, ViTConfig
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt", ".onnx")
 TIMM_ANCHOR = "patch_embed.proj.weight"
 HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
 HF_ACTIVATIONS = {
@@ -34,19 +36,24 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
-HF_RENAMES = [  # order matters: 'attention.output.dense' before 'output.dense'
-    ("embeddings.cls_token", "cls_token"),
-    ("embeddings.position_embeddings", "pos_embed"),
-    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
-    ("encoder.layer.", "blocks."),
-    ("attention.output.dense.", "attn.proj."),
-    ("layernorm_before.", "norm1."),
-    ("layernorm_after.", "norm2."),
-    ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."),
-    ("layernorm.", "norm."),
-    ("classifier.", "head."),
+# Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
+# transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
+HF_RENAMES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
 ]
+HF_QKV = re.compile(  # query/key/value (files) or q_proj/k_proj/v_proj (transformers 5)
+    r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?([qkv])(?:uery|ey|alue|_proj)\.(\w+)"
+)
 QKV = ("query", "key", "value")
 HF_DROPPED = re.compile(r"^(pooler\.|embeddings\.mask_token)")
 
@@ -86,6 +93,8 @@ def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Checkpoint:
     if path.is_file():
         readers = {".safetensors": _read_safetensors, ".npz": _read_npz}
         return readers.get(path.suffix, _read_torch)(path)
+    if path.suffix in WEIGHT_SUFFIXES:  # a file name, never a timm tag
+        raise CheckpointError(f"{text}: no such file")
     if re.fullmatch(r"(timm/|hf[-_]hub:)?[\w.-]+", text) and "/" not in text.removeprefix("timm/"):
         return _read_timm_hub(text)
     raise CheckpointError(f"{text}: no such file or folder, and not a timm model name")
@@ -108,7 +117,10 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
+        reason = " ".join((found.group(1) if found else str(e)).split())[:200]
+        if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"
@@ -116,6 +128,13 @@ def _torch_load(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A torch.save zip, or a raw pickle (protocol 2+ opens with 0x80)."""
+    with open(path, "rb") as f:
+        first = f.read(1)
+    return first == b"\x80" or zipfile.is_zipfile(path)
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -191,25 +210,27 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     import timm
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
+    from vit.factory import VARIANTS
+
+    tag = tag.removeprefix("timm/")
     try:
         reference = timm.create_model(tag, pretrained=True)
     except Exception as e:
-        raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {e})") from None
-    data_config = resolve_data_config({}, model=reference)
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None
+    state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
     subset = infer_imagenet_subset(reference)
     names = ImageNetInfo(subset).label_descriptions(as_dict=False) if subset else None
-    from vit.factory import VARIANTS
-
-    arch = tag.removeprefix("timm/").split(".", 1)[0]
-    config = None
-    if arch in VARIANTS:
-        config = ViTConfig(**{**VARIANTS[arch], "num_classes": reference.num_classes}).to_dict()
-    return Checkpoint(reference.state_dict(), tag, config, names, data_config)
+    arch = tag.split(".", 1)[0]
+    config = {**VARIANTS[arch], "num_classes": reference.num_classes} if arch in VARIANTS else None
+    return Checkpoint(state, tag, config and ViTConfig(**config).to_dict(), names, resolve_data_config(model=reference))
 
 
 def _download(url: str) -> Path:
     """Fetch a URL once into torch's hub cache; the file is then read like a local one."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    # The URL's hash keeps two files of the same name apart (every HF repo has a 'model.safetensors').
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{Path(urlparse(url).path).name}"
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -229,7 +250,7 @@ def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None 
         prefix = prefer_prefix if prefer_prefix in prefixes else min(prefixes, key=len)
         if anchor == TIMM_ANCHOR:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
+        return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, source)
     sample = ", ".join(list(state)[:5]) or "none"
     raise CheckpointError(
         f"{source}: no ViT weights found (looked for '{TIMM_ANCHOR}' or Hugging Face's '{HF_ANCHOR}'; "
@@ -237,23 +258,25 @@ def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None 
     )
 
 
-def convert_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_hf_state_dict(state: Mapping[str, torch.Tensor], source: Any = "<state dict>") -> dict[str, torch.Tensor]:
     """Hugging Face `ViTModel`/`ViTForImageClassification` names -> timm names, fusing q, k and v."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         if HF_DROPPED.match(key):
             continue
-        match = re.fullmatch(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)", key)
-        if match:
+        if match := HF_QKV.fullmatch(key):
             block, part, kind = match.groups()
             qkv.setdefault(f"blocks.{block}.attn.qkv.{kind}", {})[part] = value
             continue
-        for old, new in HF_RENAMES:
-            key = key.replace(old, new)
+        for pattern, new in HF_RENAMES:
+            key = re.sub(pattern, new, key)
         out[key] = value
     for key, parts in qkv.items():
-        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+        if len(parts) != 3:
+            lacking = [name for name in QKV if name[0] not in parts]
+            raise CheckpointError(f"{source}: {key} lacks the attention {', '.join(lacking)} weights")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
@@ -262,9 +285,14 @@ def convert_jax_npz(w: Mapping[str, np.ndarray], source: Any = "<npz>") -> dict[
     prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
     if prefix is None:
         raise CheckpointError(f"{source}: not a ViT .npz checkpoint (no 'embedding/kernel' array)")
-    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w
+    scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w  # blocks stacked on a leading axis
+    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w or scanned  # as timm decides
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    get = lambda name: w[prefix + name]
+
+    def get(name: str) -> np.ndarray:
+        if prefix + name not in w:
+            raise CheckpointError(f"{source}: the ViT .npz checkpoint lacks the array '{prefix + name}'")
+        return w[prefix + name]
 
     pos = get("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
     out = {
@@ -281,23 +309,19 @@ def convert_jax_npz(w: Mapping[str, np.ndarray], source: Any = "<npz>") -> dict[
         out["head.bias"] = t(get("head/bias"))
 
     mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-    scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w  # blocks stacked on a leading axis
     block_ids = {m.group(1) for k in w if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))}
-    depth = len(w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"]) if scanned else len(block_ids)
+    depth = len(get("Transformer/encoderblock/LayerNorm_0/scale")) if scanned else len(block_ids)
+    dim, attn = out["norm.weight"].shape[0], f"MultiHeadDotProductAttention_{mha}"
     for i in range(depth):
         block = lambda name, i=i: (
             get(f"Transformer/encoderblock/{name}")[i] if scanned else get(f"Transformer/encoderblock_{i}/{name}")
         )
-        dim = out["norm.weight"].shape[0]
-        attn = f"MultiHeadDotProductAttention_{mha}"
         b = f"blocks.{i}."
-        out[b + "norm1.weight"], out[b + "norm1.bias"] = (
-            t(block("LayerNorm_0/scale")),
-            t(block("LayerNorm_0/bias")),
-        )
+        out[b + "norm1.weight"] = t(block("LayerNorm_0/scale"))
+        out[b + "norm1.bias"] = t(block("LayerNorm_0/bias"))
         out[b + "attn.qkv.weight"] = torch.cat([t(block(f"{attn}/{n}/kernel").reshape(dim, -1).T) for n in QKV])
         out[b + "attn.qkv.bias"] = torch.cat([t(block(f"{attn}/{n}/bias").reshape(-1)) for n in QKV])
-        out[b + "attn.proj.weight"] = t(block(f"{attn}/out/kernel").reshape(-1, dim).T)
+        out[b + "attn.proj.weight"] = t(block(f"{attn}/out/kernel").reshape(-1, dim).T)  # (nh, hd, D) -> (D, D)
         out[b + "attn.proj.bias"] = t(block(f"{attn}/out/bias"))
         out[b + "norm2.weight"] = t(block(f"LayerNorm_{ln2}/scale"))
         out[b + "norm2.bias"] = t(block(f"LayerNorm_{ln2}/bias"))
@@ -321,10 +345,7 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
 
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == cfg.embed_dim:
-        old_grid = None
-        if checkpoint.model_config:
-            old = ViTConfig(**checkpoint.model_config)
-            old_grid = list(old.grid_size)
+        old_grid = list(_config(checkpoint).grid_size) if checkpoint.model_config else None  # None: square
         prefix = 0 if cfg.no_embed_class else model.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(pos, list(cfg.grid_size), old_grid, num_prefix_tokens=prefix)
 
@@ -336,18 +357,20 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
             proj = resample_patch_embed(proj, [cfg.patch_size, cfg.patch_size])
         state["patch_embed.proj.weight"] = proj
 
-    head = state.get("head.weight")
-    model_head = model.state_dict().get("head.weight")
-    if head is not None and (model_head is None or head.shape != model_head.shape):
+    expected = model.state_dict()
+    head, model_head = state.get("head.weight"), expected.get("head.weight")
+    new_head = (head is None) != (model_head is None) or (head is not None and head.shape[0] != model_head.shape[0])
+    if new_head:  # another class count, or a backbone without a head: the body loads, the head does not
+        n = 0 if head is None else head.shape[0]
+        fresh = "; the model's new head needs training" if model_head is not None else ""
         warnings.warn(
-            f"{source}: the checkpoint's head has {head.shape[0]} classes and the model {cfg.num_classes}: "
-            "the head was reset and needs training",
+            f"{source}: the checkpoint's head ({n} classes) does not fit the model's ({cfg.num_classes} classes) "
+            f"and was not loaded{fresh}",
             stacklevel=3,
         )
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
 
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not (k.startswith("head.") and head is not None)]
+    missing = [k for k in expected if k not in state and not (new_head and k.startswith("head."))]
     unexpected = [k for k in state if k not in expected]
     misshaped = [
         f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -385,9 +408,16 @@ def load_model(source: str | Path) -> tuple[VisionTransformer, Checkpoint]:
             f"{checkpoint.source}: the file carries no model config; use "
             "vit.create_model(name, pretrained=path) to say which variant it is"
         )
-    model = VisionTransformer(ViTConfig(**checkpoint.model_config))
+    model = VisionTransformer(_config(checkpoint))
     transfer_weights(model, checkpoint)
     return model, checkpoint
+
+
+def _config(checkpoint: Checkpoint) -> ViTConfig:
+    try:
+        return ViTConfig(**(checkpoint.model_config or {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint.source}: its model config is not valid ({e})") from None
 
 
 # -------------------------------------------------------------------------------------------- writing

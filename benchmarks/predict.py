@@ -1,0 +1,111 @@
+"""Images per second of `vit predict`'s Python path (`vit.Predictor`) against a plain loop (PIL decode, timm's
+eval transform, the model, in batches) on the same weights, in the same run.
+
+    python benchmarks/predict.py                 # 1,000 JPEGs at 224 px
+    python benchmarks/predict.py --quick --synthetic
+
+The JPEGs are CIFAR-10 images from shared/data/cifar10-train (the JPEG copy) upsampled to 224 px when that folder is
+there, otherwise synthetic ones. The model is vit_tiny_patch16_224 with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's vit, not an installed one
+import vit  # noqa: E402
+from vit.predict import Predictor  # noqa: E402
+
+# The shared data sit beside the main checkout (../shared) or two levels up from a helper's worktree.
+CIFAR_CANDIDATES = [ROOT.parent / "shared/data/cifar10-train", ROOT.parents[1] / "shared/data/cifar10-train"]
+MODEL = "vit_tiny_patch16_224"
+SIZE = 224
+
+
+def make_jpegs(folder: Path, count: int, source: Path | None) -> list[Path]:
+    """`count` 224 px JPEGs: CIFAR-10 images upsampled (classes taken in turn), or smooth random pictures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    classes = sorted(p for p in source.iterdir() if p.is_dir()) if source else []
+    paths = []
+    for i in range(count):
+        if classes:
+            image = Image.open(classes[i % len(classes)] / f"{i // len(classes):04d}.jpg").convert("RGB")
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        paths.append(folder / f"{i:04d}.jpg")
+        image.resize((SIZE, SIZE), Image.Resampling.BICUBIC).save(paths[-1], quality=90)
+    return paths
+
+
+def plain_loop(model: torch.nn.Module, transform, paths: list[Path], batch_size: int) -> list[int]:
+    """What one would write by hand: decode, transform and classify, one batch after another."""
+    top1 = []
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]])
+        with torch.inference_mode():
+            _, classes = model(batch).softmax(-1).topk(5)
+        top1 += classes[:, 0].tolist()
+    return top1
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    """Build the images and the checkpoint, time both paths (best of --repeats), print images/s and the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=None, help="Predictor's decoding workers (default: its own)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each path, alternating; the best counts")
+    parser.add_argument("--quick", action="store_true", help="a handful of images, one run: a smoke test")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even if the CIFAR-10 copy is there")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.batch_size, args.repeats = 8, 4, 1
+    source = None if args.synthetic else next((p for p in CIFAR_CANDIDATES if p.is_dir()), None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp) / "images", args.images, source)
+        torch.manual_seed(0)
+        checkpoint = vit.save_safetensors(vit.create_model(MODEL), Path(tmp) / f"{MODEL}.safetensors")
+        predictor = Predictor.from_checkpoint(checkpoint, batch_size=args.batch_size, num_workers=args.num_workers)
+        model, _ = vit.load_model(checkpoint)
+        model.eval()
+        transform = create_transform(**predictor.data_config, is_training=False)
+        with torch.inference_mode():  # first-call costs (allocator, kernels) for neither side to pay
+            model(torch.zeros(args.batch_size, 3, SIZE, SIZE))
+
+        plain_s, predictor_s = [], []
+        for _ in range(args.repeats):
+            seconds, plain_top1 = timed(lambda: plain_loop(model, transform, paths, args.batch_size))
+            plain_s.append(seconds)
+            seconds, results = timed(lambda: predictor.predict(Path(tmp) / "images", topk=5, progress=False))
+            predictor_s.append(seconds)
+        agree = sum(r["predictions"][0]["index"] == t for r, t in zip(results, plain_top1))
+
+    n = len(paths)
+    print(f"{n} JPEGs at {SIZE} px ({'CIFAR-10 upsampled' if source else 'synthetic'}), {MODEL}, random weights")
+    print(f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    print(f"plain loop: {n / min(plain_s):8.1f} images/s")
+    print(f"Predictor:  {n / min(predictor_s):8.1f} images/s")
+    print(f"ratio Predictor / plain loop: {min(plain_s) / min(predictor_s):.2f} (target >= 1.0)")
+    print(f"top-1 agreement: {agree}/{n}")
+
+
+if __name__ == "__main__":
+    main()

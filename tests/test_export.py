@@ -1,0 +1,119 @@
+"""`vit export`: ONNX files that onnxruntime runs at any batch size with torch's logits, and safetensors files
+that `vit predict` and `vit.load_pretrained` accept."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import vit
+from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt
+from vit.cli import main
+from vit.export import export_onnx
+from vit.predict import Predictor
+
+CUSTOM = dict(mean=[0.2, 0.3, 0.4], std=[0.3, 0.2, 0.1], crop_pct=1.0, interpolation="bilinear")
+
+
+def onnxruntime_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def assert_same_logits_at_batch_1_and_3(model: vit.VisionTransformer, path: Path) -> None:
+    for batch in (1, 3):
+        x = torch.randn(batch, model.cfg.in_chans, *model.cfg.img_hw)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(onnxruntime_logits(path, x), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(reg_tokens=4, no_embed_class=True, global_pool="avg", in_chans=1)],
+    ids=["cls-token", "registers-avg-pool-grey"],
+)
+def test_onnx_export_runs_in_onnxruntime_with_torchs_logits(overrides, tmp_path, capsys):
+    model = tiny_model(**overrides)
+    vit.save_safetensors(model, tmp_path / "tiny.safetensors", class_names=CLASS_NAMES)
+    argv = ["export", "-c", str(tmp_path / "tiny.safetensors"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main(argv) == 0
+    assert "m.onnx" in capsys.readouterr().out
+    assert_same_logits_at_batch_1_and_3(model, tmp_path / "m.onnx")
+
+
+def test_onnx_file_carries_config_class_names_and_preprocessing(tmp_path):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt", **CUSTOM)
+    assert main(["export", "-c", str(ckpt), "--out", str(tmp_path / "sub" / "m.onnx")]) == 0  # format from suffix
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "sub" / "m.onnx")).metadata_props}
+    assert props["class_names"] == CLASS_NAMES
+    assert props["model_config"] == tiny_model().cfg.to_dict()
+    assert props["data_config"] == data_config(tiny_model(), **CUSTOM)
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatch):
+    real_export = torch.onnx.export
+
+    def dynamo_refuses(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("pretend the dynamo exporter cannot handle this graph")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_refuses)
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="TorchScript"):
+        export_onnx(model, tmp_path / "legacy.onnx", class_names=CLASS_NAMES)
+    assert_same_logits_at_batch_1_and_3(model, tmp_path / "legacy.onnx")
+
+
+def test_safetensors_round_trip_keeps_weights_names_and_preprocessing(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt", **CUSTOM)
+    out = tmp_path / "exported.safetensors"
+    assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert meta["class_names"] == CLASS_NAMES and meta["data_config"] == data_config(tiny_model(), **CUSTOM)
+
+    original = tiny_model()
+    torch.manual_seed(1)
+    fresh = vit.VisionTransformer(original.cfg).eval()
+    vit.load_pretrained(fresh, out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), original(x), rtol=0, atol=0)
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(images[-1])
+    capsys.readouterr()
+    assert main(["predict", *map(str, images), "-c", str(out), "--format", "json"]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert from_export == Predictor.from_checkpoint(ckpt).predict(images)
+
+
+def test_export_of_an_unknown_format_or_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    assert main(["export", "-c", str(ckpt), "--out", str(tmp_path / "model.bin")]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["export", "-c", str(tmp_path / "absent.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "absent.ckpt: no such file" in capsys.readouterr().err
+
+
+def test_export_of_weights_without_a_model_config_says_so(tmp_path, capsys):
+    torch.save(tiny_model().state_dict(), tmp_path / "bare.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing half-written, no warnings: just the one-line error
+        assert main(["export", "-c", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "no model config" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()

@@ -1,0 +1,336 @@
+"""`vit.Predictor` and `vit predict`: every kind of input a user throws at it, checked against images built by
+hand and timm's own transforms on the checkpoint's preprocessing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+import vit
+from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_safetensors
+from vit.cli import main
+from vit.predict import Predictor, read_image
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = 2 / 255  # one 8-bit level after normalising with std 0.5
+
+
+def smooth_rgb(h: int, w: int) -> np.ndarray:
+    """A smooth, asymmetric colour image: JPEG keeps it nearly intact, and any rotation or flip changes it."""
+    y = np.linspace(0, 1, h, endpoint=False, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, w, endpoint=False, dtype=np.float32)[None, :]
+    channels = np.broadcast_arrays(255 * x, 255 * y, 127 + 120 * np.sin(6 * x + 3 * y * y))
+    return np.stack(channels, -1).round().astype(np.uint8)
+
+
+def reference(image: Image.Image, model=None, **data) -> torch.Tensor:
+    """timm's eval transform, built here from the checkpoint's preprocessing, on an image prepared by hand."""
+    return create_transform(**data_config(model or tiny_model(), **data), is_training=False)(image)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return write_safetensors(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def predictor(checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint, num_workers=0)
+
+
+def classified(result: dict) -> bool:
+    return result["error"] is None and len(result["predictions"]) == 5
+
+
+# ----------------------------------------------------------------------------------------- input kinds
+def test_grayscale_image_is_fed_as_three_equal_channels(predictor, tmp_path):
+    grey = smooth_rgb(40, 50)[..., 0]
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    expected = reference(Image.fromarray(np.stack([grey] * 3, -1)))
+    torch.testing.assert_close(predictor.preprocess(tmp_path / "grey.png"), expected, rtol=0, atol=1e-6)
+    assert classified(predictor.predict(tmp_path / "grey.png")[0])
+
+
+def test_palette_image_shows_white_where_transparent(predictor, tmp_path):
+    palette = np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
+    indices = (np.arange(40)[:, None] // 10 + np.arange(40)[None, :] // 20) % 4
+    image = Image.fromarray(indices.astype(np.uint8), "P")
+    image.putpalette(palette.flatten().tolist())
+    image.save(tmp_path / "palette.png", transparency=0)  # index 0 (black) is transparent
+    by_hand = np.where((indices == 0)[..., None], 255, palette[indices]).astype(np.uint8)
+    expected = reference(Image.fromarray(by_hand))
+    torch.testing.assert_close(predictor.preprocess(tmp_path / "palette.png"), expected, rtol=0, atol=1e-6)
+    assert classified(predictor.predict(tmp_path / "palette.png")[0])
+
+
+def test_rgba_image_is_composited_on_white(predictor, tmp_path):
+    rgb = smooth_rgb(40, 40) // 2  # dark, so that dropping the alpha channel instead would be far off
+    alpha = np.linspace(0, 255, 40).round().astype(np.uint8)[None, :].repeat(40, 0)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    a = alpha[..., None] / 255.0
+    by_hand = (rgb * a + 255 * (1 - a)).round().astype(np.uint8)
+    got = predictor.preprocess(tmp_path / "rgba.png")
+    torch.testing.assert_close(got, reference(Image.fromarray(by_hand)), rtol=0, atol=1.5 * STEP)
+    assert (got - reference(Image.fromarray(rgb))).abs().mean() > 10 * STEP
+    assert classified(predictor.predict(tmp_path / "rgba.png")[0])
+
+
+def test_cmyk_jpeg_is_read_as_its_rgb_colours(predictor, tmp_path):
+    rgb = smooth_rgb(48, 48)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    difference = predictor.preprocess(tmp_path / "cmyk.jpg") - reference(Image.fromarray(rgb))
+    assert difference.abs().mean() < 2 * STEP  # JPEG's loss only
+    assert classified(predictor.predict(tmp_path / "cmyk.jpg")[0])
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(predictor, tmp_path):
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).round().astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    eight_bit = (ramp / 257).round().astype(np.uint8)  # 65535 -> 255
+    expected = reference(Image.fromarray(np.stack([eight_bit] * 3, -1)))
+    torch.testing.assert_close(predictor.preprocess(tmp_path / "deep.png"), expected, rtol=0, atol=1e-6)
+    assert classified(predictor.predict(tmp_path / "deep.png")[0])
+
+
+def test_exif_orientation_is_honoured(predictor, tmp_path):
+    upright = Image.fromarray(smooth_rgb(48, 32))
+    Image.fromarray(np.asarray(upright)).save(tmp_path / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": the stored pixels are the upright ones turned back
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    got = predictor.preprocess(tmp_path / "rotated.jpg")
+    as_displayed = (got - predictor.preprocess(tmp_path / "upright.jpg")).abs().mean()
+    as_stored = (got - reference(stored)).abs().mean()
+    assert as_displayed < as_stored / 10
+    rotated, plain = predictor.predict([tmp_path / "rotated.jpg", tmp_path / "upright.jpg"])
+    assert [p["index"] for p in rotated["predictions"]] == [p["index"] for p in plain["predictions"]]
+
+
+def test_one_pixel_image_is_classified(predictor, tmp_path):
+    Image.new("RGB", (1, 1), (200, 10, 30)).save(tmp_path / "dot.png")
+    got = predictor.preprocess(tmp_path / "dot.png")
+    colour = (torch.tensor([200, 10, 30]) / 255 - 0.5) / 0.5
+    torch.testing.assert_close(got, colour[:, None, None].expand(3, 32, 32), rtol=0, atol=1e-5)
+    assert classified(predictor.predict(tmp_path / "dot.png")[0])
+
+
+def test_very_large_jpeg_is_decoded_at_reduced_scale_with_nearly_the_same_pixels(predictor, tmp_path):
+    Image.fromarray(smooth_rgb(3000, 4000)).save(tmp_path / "large.jpg", quality=90)
+    decoded = read_image(tmp_path / "large.jpg", "RGB", predictor.min_size)
+    assert min(decoded.size) >= predictor.min_size and decoded.size[0] <= 4000 // 8
+    full_decode = reference(Image.open(tmp_path / "large.jpg").convert("RGB"))
+    assert (predictor.preprocess(tmp_path / "large.jpg") - full_decode).abs().max() < 2 * STEP
+    assert classified(predictor.predict(tmp_path / "large.jpg")[0])
+
+
+def test_decompression_bomb_is_a_per_file_error(predictor, tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64*64 > 2 * 2000: PIL refuses it
+    bomb, small = predictor.predict([tmp_path / "bomb.png", tmp_path / "small.png"])
+    assert "too large" in bomb["error"] and bomb["predictions"] == []
+    assert classified(small)
+
+
+def test_single_channel_model_takes_colour_images_as_grey(tmp_path):
+    model = tiny_model(in_chans=1)
+    predictor = Predictor.from_checkpoint(write_safetensors(tmp_path / "grey.safetensors", model), num_workers=0)
+    colour = Image.fromarray(smooth_rgb(40, 40))
+    colour.save(tmp_path / "colour.png")
+    got = predictor.preprocess(tmp_path / "colour.png")
+    assert got.shape == (1, 32, 32)
+    torch.testing.assert_close(got, reference(colour.convert("L"), model), rtol=0, atol=1e-6)
+    assert classified(predictor.predict(tmp_path / "colour.png")[0])
+
+
+def test_pil_images_are_classified_in_memory(predictor, tmp_path):
+    image = Image.fromarray(smooth_rgb(40, 40))
+    image.save(tmp_path / "same.png")
+    in_memory, on_disk = predictor.predict([image, tmp_path / "same.png"])
+    assert in_memory["path"] is None and in_memory["predictions"] == on_disk["predictions"]
+
+
+def test_folders_are_searched_recursively_in_sorted_order(predictor, tmp_path):
+    root = tmp_path / "photos"
+    for name in ["b/z.png", "a/y.JPG", "a/deep/er/x.jpeg"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(smooth_rgb(20, 20)).save(root / name)
+    (root / "a" / "notes.txt").write_text("not an image, and not named like one")
+    results = predictor.predict(root)
+    assert [Path(r["path"]).relative_to(root).as_posix() for r in results] == ["a/deep/er/x.jpeg", "a/y.JPG", "b/z.png"]
+    assert all(classified(r) for r in results)
+
+
+def test_unreadable_inputs_are_reported_while_the_others_are_classified(checkpoint, tmp_path):
+    Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / "good.jpg", quality=95)
+    (tmp_path / "notes.jpg").write_text("hello, I am text")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:400])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "nothing_here").mkdir()
+    inputs = ["good.jpg", "notes.jpg", "cut.jpg", "empty.png", "missing.jpg", "nothing_here", "good.jpg"]
+    predictor = Predictor.from_checkpoint(checkpoint, batch_size=2, num_workers=1)  # errors inside worker batches
+    results = predictor.predict([tmp_path / name for name in inputs])
+    expected_problem = {
+        "notes.jpg": "not an image",
+        "cut.jpg": "truncated",
+        "empty.png": "empty",
+        "missing.jpg": "no such file",
+        "nothing_here": "no image files",
+    }
+    for name, result in zip(inputs, results):
+        assert result["path"] == str(tmp_path / name)
+        if name in expected_problem:
+            assert expected_problem[name] in result["error"] and result["predictions"] == []
+        else:
+            assert classified(result)
+
+
+# ------------------------------------------------------------------------------------- the predictions
+def test_predictions_match_a_plain_loop_over_timm_transforms_and_the_model(checkpoint, tmp_path):
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(np.roll(smooth_rgb(40, 60), 9 * i, axis=1)).save(paths[-1])
+    results = Predictor.from_checkpoint(checkpoint, batch_size=2, num_workers=1).predict(paths, topk=3)
+    model = tiny_model()
+    for path, result in zip(paths, results):
+        with torch.no_grad():
+            probs = model(reference(Image.open(path).convert("RGB"))[None]).softmax(-1)[0]
+        top = probs.topk(3)
+        assert [p["index"] for p in result["predictions"]] == top.indices.tolist()
+        assert [p["label"] for p in result["predictions"]] == [CLASS_NAMES[i] for i in top.indices]
+        np.testing.assert_allclose([p["prob"] for p in result["predictions"]], top.values, rtol=0, atol=1e-6)
+
+
+def test_lightning_ckpt_preprocessing_and_weights_are_used(tmp_path):
+    custom = dict(mean=[0.2, 0.3, 0.4], std=[0.3, 0.2, 0.1], crop_pct=1.0, interpolation="bilinear")
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt", **custom)
+    image = Image.fromarray(smooth_rgb(40, 56))
+    predictor = Predictor.from_checkpoint(ckpt, num_workers=0)
+    got = predictor.preprocess(image)
+    torch.testing.assert_close(got, reference(image, **custom), rtol=0, atol=1e-6)
+    assert (got - reference(image)).abs().max() > 0.1  # the defaults would differ
+    from_safetensors = Predictor.from_checkpoint(write_safetensors(tmp_path / "same.safetensors", **custom))
+    assert predictor.predict(image) == from_safetensors.predict(image)
+
+
+def test_preprocessing_that_does_not_fit_the_model_is_refused():
+    with pytest.raises(ValueError, match="input size 64x64 does not match the model's 32x32"):
+        vit.Predictor(tiny_model(), data_config={"input_size": [3, 64, 64]})
+
+
+def test_topk_is_capped_at_the_number_of_classes(predictor):
+    (result,) = predictor.predict(Image.fromarray(smooth_rgb(32, 32)), topk=50)
+    assert sorted(p["index"] for p in result["predictions"]) == list(range(len(CLASS_NAMES)))
+    assert sum(p["prob"] for p in result["predictions"]) == pytest.approx(1, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- command line
+@pytest.fixture
+def images(tmp_path: Path) -> list[str]:
+    for name in ("one.png", "two.jpg"):
+        Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / name)
+    return [str(tmp_path / "one.png"), str(tmp_path / "two.jpg")]
+
+
+def test_json_output_follows_the_schema(checkpoint, images, capsys):
+    gone = str(Path(images[0]).parent / "gone.png")
+    status = main(["predict", *images, gone, "-c", str(checkpoint), "--format", "json", "--topk", "3"])
+    results = json.loads(capsys.readouterr().out)
+    assert status == 1 and [r["path"] for r in results] == [*images, gone]
+    for result in results:
+        assert set(result) == {"path", "predictions", "error"}
+        for prediction in result["predictions"]:
+            assert set(prediction) == {"label", "index", "prob"}
+            assert isinstance(prediction["index"], int) and prediction["label"] == CLASS_NAMES[prediction["index"]]
+            assert isinstance(prediction["prob"], float) and 0 <= prediction["prob"] <= 1
+    assert [len(r["predictions"]) for r in results] == [3, 3, 0]
+    assert results[0]["error"] is None and results[2]["error"] == "no such file or folder"
+    probs = [p["prob"] for p in results[0]["predictions"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_csv_has_one_row_per_path_and_rank(checkpoint, images, capsys):
+    assert main(["predict", *images, "-c", str(checkpoint), "--format", "csv", "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "path,rank,label,index,prob,error"
+    assert [line.split(",")[:2] for line in lines[1:]] == [[p, r] for p in images for r in ("1", "2")]
+
+
+def test_table_lists_labels_probabilities_and_errors(checkpoint, images, capsys):
+    assert main(["predict", images[0], "missing.png", "-c", str(checkpoint), "--topk", "1"]) == 1
+    out = capsys.readouterr().out
+    (result,) = Predictor.from_checkpoint(checkpoint).predict(images[0], topk=1)
+    assert result["predictions"][0]["label"] in out and f"{result['predictions'][0]['prob']:.3f}" in out
+    assert "error: no such file or folder" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-c", "DIR/not_a_checkpoint.ckpt"],  # unreadable checkpoint
+        ["-c", "DIR/absent.safetensors"],
+        ["-c", "CKPT", "--device", "no_such_device"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, checkpoint, images, capsys):
+    (checkpoint.parent / "not_a_checkpoint.ckpt").write_text("plain text")
+    argv = [a.replace("DIR", str(checkpoint.parent)).replace("CKPT", str(checkpoint)) for a in argv]
+    assert main(["predict", *images, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit predict: error: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("option", [["--topk", "0"], ["--format", "xml"], ["--batch-size", "-1"]])
+def test_bad_options_exit_2(option, checkpoint, images):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", *images, "-c", str(checkpoint), *option])
+    assert exit_.value.code == 2
+
+
+def test_exit_status_is_0_when_every_input_was_classified(checkpoint, images, capsys):
+    assert main(["predict", *images, "-c", str(checkpoint), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bad_checkpoint_prints_no_traceback(tmp_path, images):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 100)
+    command = [sys.executable, "-m", "vit.cli", "predict", *images, "-c", str(tmp_path / "broken.safetensors")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "broken.safetensors" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_384"])
+def test_models_lists_timm_parameter_counts_and_input_sizes(name, capsys):
+    assert main(["models", name]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if name in line).split()
+    timm_params = sum(p.numel() for p in timm.create_model(name).parameters())
+    size = name.rsplit("_", 1)[1]
+    assert row[1] == f"{timm_params / 1e6:.1f}" and row[2] == f"{size}x{size}"
+
+
+def test_models_with_no_match_is_a_usage_error(capsys):
+    assert main(["models", "resnet*"]) == 2
+    assert "resnet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_runs_in_quick_mode():
+    command = [sys.executable, "benchmarks/predict.py", "--quick", "--synthetic"]  # tests never read shared data
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ratio" in done.stdout and "images/s" in done.stdout

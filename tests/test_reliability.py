@@ -1,0 +1,208 @@
+"""Reliability: checkpoints that would run code are refused by every loader, a non-finite loss stops training
+without spoiling the checkpoints, and two runs with the same seed agree exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_checkpoints import tiny_model, write_lightning_ckpt
+
+import vit
+from vit.cli import main
+from vit.module import ViTClassifier
+from vit.weights import CheckpointError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_DIGITS = [
+    "--config",
+    str(CONFIGS / "digits.yaml"),
+    "--model.model_overrides",
+    json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}),
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.limit_val_batches",
+    "1",
+]
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the attack a checkpoint from a stranger could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.fixture
+def evil(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """(a `vit fit`-style .ckpt that also carries the payload, the marker it would write). The environment
+    asks torch to unpickle everything wherever a caller leaves weights_only unset, as Lightning does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "marker"
+    path = write_lightning_ckpt(tmp_path / "evil.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"] = {"model_config": tiny_model().cfg.to_dict(), "model_name": None}
+    checkpoint["callbacks"] = {"hook": _Payload(marker)}
+    torch.save(checkpoint, path)
+    return path, marker
+
+
+def test_the_payload_is_live_when_unpickled_without_weights_only(evil):
+    path, marker = evil
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "ran"  # so a marker-free run below means the payload was refused, not inert
+
+
+def test_python_loaders_refuse_the_payload(evil):
+    path, marker = evil
+    with pytest.raises(CheckpointError, match="refused to load"):
+        vit.load_pretrained(tiny_model(), path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        vit.load_model(path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused to load"):
+        ViTClassifier.load_from_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "x.png", "--checkpoint", "evil.ckpt"],
+        ["attention", "x.png", "--checkpoint", "evil.ckpt", "--out", "a.png"],
+        ["export", "--checkpoint", "evil.ckpt", "--out", "m.safetensors"],
+        ["fit", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
+        ["validate", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
+        ["fit", *TINY_DIGITS, "--model.model_name", "null", "--model.pretrained", "evil.ckpt"],
+    ],
+    ids=["predict", "attention", "export", "fit-resume", "validate", "fit-pretrained"],
+)
+def test_every_command_refuses_the_payload_in_one_line(evil, command, capsys):
+    from PIL import Image
+
+    _, marker = evil
+    Image.new("RGB", (32, 32)).save("x.png")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evil.ckpt: refused to load" in err and "Traceback" not in err
+    assert not marker.exists() and not Path("a.png").exists() and not Path("m.safetensors").exists()
+
+
+def _fit(*extra: str) -> int:
+    return main(["fit", *TINY_DIGITS, "--trainer.limit_train_batches", "3", *extra])
+
+
+def test_our_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    checkpoint = torch.load("runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
+
+    def plain(value: object) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    assert plain(checkpoint["hyper_parameters"]) and plain(checkpoint["vit"])
+
+
+def test_resuming_our_own_checkpoint_works_under_weights_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    # save_top_k -1: last.ckpt is written after the epoch whatever val/acc did
+    assert _fit("--trainer.max_epochs", "2", "--checkpoint.save_top_k", "-1", "--ckpt_path", last) == 0
+    resumed = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 6  # went on from step 3, not from scratch
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    poisoned_from = 4  # epoch 0 is steps 0-2 and ends with a checkpoint; step 4 is the second of epoch 1
+    original = ViTClassifier.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step >= poisoned_from else loss
+
+    monkeypatch.setattr(ViTClassifier, "training_step", poisoned)
+    assert _fit("--trainer.max_epochs", "3") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"at step {poisoned_from} (epoch 1, batch 1)" in err
+    last = tmp_path / "runs/digits/version_0/checkpoints/last.ckpt"
+    assert str(last.relative_to(tmp_path)) in err
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path, monkeypatch, capsys):
+    import lightning as L
+
+    monkeypatch.chdir(tmp_path)
+
+    def overflow(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 6:  # the last step of epoch 1, after its optimiser step; its loss was finite
+            with torch.no_grad():
+                pl_module.model.head.weight.fill_(float("inf"))
+
+    monkeypatch.setattr(L.Callback, "on_train_batch_end", overflow)  # every callback the CLI builds does it
+    # save_top_k -1: a checkpoint after every epoch, whatever the score (Lightning writes last.ckpt only then)
+    assert _fit("--trainer.max_epochs", "3", "--checkpoint.save_top_k", "-1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights hold NaN or inf at step 6 (epoch 1), e.g. model.head.weight" in err
+    folder = tmp_path / "runs/digits/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no epoch-1 file
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = torch.load(folder / name, weights_only=True)
+        assert checkpoint["global_step"] == 3
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+EVERY_STEP = ["--trainer.log_every_n_steps", "1"]  # the training loss of every step goes into metrics.csv
+IMAGEFOLDER = [
+    "--config",
+    str(CONFIGS / "imagefolder.yaml"),
+    "--model.img_size",
+    "16",
+    "--model.model_overrides",
+    json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2}),
+    "--data.batch_size",
+    "8",
+    "--data.num_workers",
+    "1",  # RandAugment, flips and erasing drawn in a worker process
+    "--trainer.enable_progress_bar",
+    "false",
+]
+
+
+@pytest.mark.parametrize("data", ["digits", "imagefolder"])
+def test_two_runs_with_the_same_seed_give_identical_metrics_and_weights(tmp_path, monkeypatch, data):
+    from _images import write_image_folder
+
+    train = write_image_folder(tmp_path / "train", per_class=8)
+    runs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        seeded = [*EVERY_STEP, "--seed_everything", seed]
+        if data == "digits":
+            assert _fit("--trainer.max_epochs", "2", *seeded) == 0
+        else:
+            assert (
+                main(["fit", *IMAGEFOLDER, *seeded, "--data.train_dir", str(train), "--trainer.max_epochs", "2"]) == 0
+            )
+        run = Path(f"runs/{data}/version_0")
+        checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+        runs.append(((run / "metrics.csv").read_text(), checkpoint["state_dict"]))
+    (metrics_a, weights_a), (metrics_b, weights_b), (metrics_c, _) = runs
+    assert "val/acc" in metrics_a and "train/loss" in metrics_a and metrics_a == metrics_b
+    assert metrics_c != metrics_a  # the seed does steer the run, so agreement above is no accident
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

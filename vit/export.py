@@ -1,0 +1,114 @@
+"""`vit export`: a checkpoint as ONNX (dynamic batch axis) or as safetensors, each carrying the model config,
+class names and preprocessing in its metadata, so the file alone is enough to classify images."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vit.model import VisionTransformer
+from vit.predict import TRANSFORM_KEYS
+from vit.weights import load_model, save_safetensors
+
+FORMATS = ("onnx", "safetensors")
+ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
+LEGACY_OPSET = 17
+
+
+def export_onnx(
+    model: VisionTransformer,
+    path: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    data_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as ONNX: 'image' (batch, C, H, W) -> 'logits' (batch, classes), the batch axis dynamic.
+
+    The dynamo exporter is tried first; should it refuse the graph, the TorchScript exporter is used.
+    """
+    model = model.eval()
+    path = Path(path)
+    h, w = model.cfg.img_hw
+    example = (torch.randn(2, model.cfg.in_chans, h, w),)  # batch 2: torch.export would specialise a size-1 axis
+    names = dict(input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    try:
+        program = torch.onnx.export(
+            model, example, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, **names
+        )
+        program.save(str(path))
+    except ImportError as e:
+        raise ValueError(
+            f"ONNX export needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript"
+        ) from e
+    except Exception as e:
+        warnings.warn(
+            f"the dynamo ONNX exporter failed ({type(e).__name__}: {e}); using the TorchScript one", stacklevel=2
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: expected
+            torch.onnx.export(
+                model,
+                example,
+                str(path),
+                dynamo=False,
+                opset_version=LEGACY_OPSET,
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                **names,
+            )
+    _add_onnx_metadata(path, _metadata(model, class_names, data_config))
+    return path
+
+
+def _metadata(model: VisionTransformer, class_names: Sequence[str] | None, data_config: dict | None) -> dict:
+    config = {**model.pretrained_cfg, **(data_config or {})}
+    meta = {"model_config": model.cfg.to_dict(), "data_config": {k: config[k] for k in TRANSFORM_KEYS if k in config}}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+    return meta
+
+
+def _add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """JSON values under the same keys as in our safetensors files, as ONNX metadata_props."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # a > 2 GB model keeps its external data file as is
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
+    onnx.save(proto, str(path))
+
+
+def onnx_logit_difference(model: VisionTransformer, path: str | Path, batch_sizes: Sequence[int] = (1, 3)) -> float:
+    """Largest |logit difference| between onnxruntime running `path` and torch running `model`, on random
+    inputs at each batch size."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h, w = model.cfg.img_hw
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch in batch_sizes:
+        x = torch.randn(batch, model.cfg.in_chans, h, w, generator=generator)
+        with torch.inference_mode():
+            expected = model.eval()(x).float()
+        (got,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})
+        worst = max(worst, (torch.from_numpy(got) - expected).abs().max().item())
+    return worst
+
+
+def export_checkpoint(source: str | Path, fmt: str, out: str | Path) -> tuple[VisionTransformer, Path]:
+    """Load any checkpoint `vit.load_model` reads and write it as 'onnx' or 'safetensors' to `out`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    model, checkpoint = load_model(source)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = _metadata(model, checkpoint.class_names, checkpoint.data_config)
+    if fmt == "onnx":
+        export_onnx(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
+    else:
+        save_safetensors(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
+    return model, out

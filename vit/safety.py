@@ -1,0 +1,56 @@
+"""Guards for long runs and untrusted files: checkpoints are checked with `torch.load(weights_only=True)`
+before Lightning opens them, and a non-finite loss stops training before it reaches the weights."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vit.weights import _torch_load
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The training loss or the weights became NaN or infinite; the message names the step."""
+
+
+def check_checkpoint(path: Any) -> None:
+    """Refuse (CheckpointError, one line naming the file) a local checkpoint that needs more than plain
+    weights to unpickle; Lightning's keywords ('last', 'best', 'hpc', 'registry') and None pass through."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+        return  # Lightning resolves the keywords itself, to files we wrote, and reports missing files
+    _torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop at the first NaN/inf training loss, before its backward pass and optimiser step, so the weights
+    (and every checkpoint written from them) stay those of the last good step; and never write a checkpoint
+    of non-finite weights (a step whose loss was finite can still overflow them)."""
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return
+        raise NonFiniteTrainingError(
+            f"the training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
+            f"batch {trainer.fit_loop.epoch_loop.batch_idx}); training stopped before this step changed the "
+            f"weights; last checkpoint: {_last(trainer)}"
+        )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # runs before the file is written: raising here leaves the previous checkpoint as it was
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise NonFiniteTrainingError(
+                f"the weights hold NaN or inf at step {trainer.global_step} (epoch {trainer.current_epoch}), e.g. "
+                f"{bad[0]}; the checkpoint was not written; last checkpoint: {_last(trainer)}"
+            )
+
+
+def _last(trainer: L.Trainer) -> str:
+    return getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"

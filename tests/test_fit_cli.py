@@ -50,6 +50,15 @@ def test_fit_writes_a_run_folder_whose_checkpoints_every_loader_accepts(capsys):
         assert torch.allclose(module(x), fresh.eval()(x), atol=1e-6)
 
 
+def test_last_checkpoint_is_the_final_model_even_when_the_best_is_older():
+    # monitoring 'epoch' in min mode makes epoch 0 the best for good; last.ckpt must still follow every epoch
+    never_better = ["--checkpoint.monitor", "epoch", "--checkpoint.mode", "min", "--trainer.max_epochs", "3"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *never_better]) == 0
+    folder = Path("runs/digits/version_0/checkpoints")
+    assert torch.load(folder / "best.ckpt", weights_only=True)["global_step"] == 3
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
 def test_validate_and_test_restore_the_model_from_the_checkpoint_alone(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
     best = "runs/digits/version_0/checkpoints/best.ckpt"

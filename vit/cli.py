@@ -251,21 +251,28 @@ def _lightning_cli_class() -> type:
                     "checkpoint.monitor": "val/acc",
                     "checkpoint.mode": "max",
                     "checkpoint.filename": "best",
-                    "checkpoint.save_last": True,
                     "checkpoint.auto_insert_metric_name": False,
                 }
             )
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
-            """Lightning's Rich bar unless the config has a progress bar of its own or turns bars off."""
+            """Adds last.ckpt written at every epoch (ModelCheckpoint's own save_last follows the monitored
+            checkpoint, so it stops at the last improvement), the non-finite-loss guard, and Lightning's Rich
+            bar unless the config has a progress bar of its own or turns bars off."""
             config = self._get(self.config_init, "trainer", default={})
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            wants_bar = config.get("enable_progress_bar") is not False
-            if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), StopOnNonFiniteLoss()]
-            return super().instantiate_trainer(**kwargs)
+            self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
+            callbacks = [*callbacks, self.last_checkpoint, StopOnNonFiniteLoss()]
+            if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                callbacks.append(RichProgressBar())
+            trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+            # The monitored checkpoint must come first: it is `trainer.checkpoint_callback`, and `--ckpt_path best`
+            trainer.callbacks.remove(self.last_checkpoint)
+            trainer.callbacks.append(self.last_checkpoint)
+            return trainer
 
         def _parse_ckpt_path(self) -> None:
             """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
@@ -300,8 +307,8 @@ def _lightning_cli_class() -> type:
             console = Console(stderr=False)
             console.print(f"run folder: {trainer.log_dir}")
             if fitted:
-                ckpt = trainer.checkpoint_callback
-                console.print(f"checkpoints: best {ckpt.best_model_path}  last {ckpt.last_model_path}")
+                best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
+                console.print(f"checkpoints: best {best}  last {last}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
                 console.print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

@@ -53,4 +53,6 @@ class StopOnNonFiniteLoss(Callback):
 
 
 def _last(trainer: L.Trainer) -> str:
-    return getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+    # `vit fit` keeps last.ckpt with an unmonitored ModelCheckpoint (its best is the latest); others use save_last
+    paths = [cb.best_model_path if cb.monitor is None else cb.last_model_path for cb in trainer.checkpoint_callbacks]
+    return next((p for p in reversed(paths) if p), "none written yet")

@@ -1,0 +1,73 @@
+"""What the model benchmarks share: our model and timm's on the same weights, and an interleaved timer.
+
+Every figure the benchmarks print is a ratio against a baseline measured in the same process, in alternating order,
+so that load from other processes (this machine's two cores are shared) hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `vit`, installed or not
+import vit
+
+# The training-step target of issue 7: a 32-px ViT, patch 4, dim 192, depth 6 (3 heads of 64).
+SMALL_32 = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+
+
+def model_pair(name: str | None = None, **kwargs: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, timm's) with identical weights: a variant both know by `name`, or a config from keyword arguments."""
+    if name:
+        reference = timm.create_model(name, **kwargs)
+        ours = vit.create_model(name, **kwargs)
+    else:
+        reference, ours = TimmViT(**kwargs), vit.VisionTransformer(vit.ViTConfig(**kwargs))
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return ours, reference
+
+
+def check_same_logits(ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-5) -> float:
+    """The largest logit difference on `x` in inference mode; exits when above `tol` (the timing would be moot)."""
+    with torch.inference_mode():
+        gap = (ours.eval()(x) - reference.eval()(x)).abs().max().item()
+    if gap > tol:
+        raise SystemExit(f"ours and timm disagree by {gap:.2e} > {tol:.0e}; the comparison would be meaningless")
+    return gap
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function over `rounds` rounds; each round calls all once, rotating who goes first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def speedup(times: dict[str, list[float]], ours: str, base: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratio base time / ours time (> 1: ours is faster)."""
+    ratios = [b / o for o, b in zip(times[ours], times[base])]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    return med, q1, q3
+
+
+def header() -> str:
+    """Versions and threads, for the first line of every benchmark's output."""
+    return f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, float32 CPU"

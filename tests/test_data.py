@@ -138,6 +138,13 @@ def test_train_dir_without_images_is_an_error_naming_the_folder(tmp_path):
         ImageFolderDataModule(tmp_path / "nowhere")
 
 
+def test_testing_an_image_folder_without_test_dir_says_how_to_give_one(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b"))
+    dm = ImageFolderDataModule(tmp_path / "train", num_workers=0, preprocessing=RAW_RGB_16)
+    with pytest.raises(ValueError, match=r"--data\.test_dir"):
+        dm.setup("test")
+
+
 def test_unreadable_images_are_dropped_from_batches_and_reported(tmp_path):
     write_image_folder(tmp_path / "train", per_class=4)
     broken = write_broken_images(tmp_path / "train" / "cat")

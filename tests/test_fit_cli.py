@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _images import write_image_folder
+from _images import CIFAR10_NAMES, write_cifar10, write_image_folder
 from timm.layers import resample_abs_pos_embed
 
 import vit
@@ -106,6 +106,22 @@ def test_print_config_shows_the_resolved_configuration(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "model_name: vit_nano_patch4_32" in out and "class_path: vit.data.DigitsDataModule" in out
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    assert main(["fit", "--config", str(CONFIGS / config), "--print_config"]) == 0
+    assert "class_path: vit.data." in capsys.readouterr().out
+
+
+def test_cifar10_config_trains_on_a_local_copy_with_mixup(tmp_path):
+    write_cifar10(tmp_path / "data")
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    args = ["--data.data_dir", str(tmp_path / "data"), "--data.download", "false", "--data.num_workers", "0"]
+    args += ["--data.batch_size", "8", "--model.model_overrides", json.dumps(tiny), *QUICK]
+    assert main(["fit", "--config", str(CONFIGS / "cifar10.yaml"), *args]) == 0
+    checkpoint = vit.read_checkpoint("runs/cifar10/version_0/checkpoints/last.ckpt")
+    assert checkpoint.class_names == CIFAR10_NAMES and checkpoint.model_config["depth"] == 1
 
 
 def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):

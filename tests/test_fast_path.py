@@ -94,7 +94,7 @@ def test_probe_refuses_a_fused_op_that_differs(monkeypatch):
         vit_model._fuses_exactly.cache_clear()
 
 
-def test_fast_path_steps_aside_for_autograd_hooks_counters_and_export():
+def test_fast_path_steps_aside_for_autograd_hooks_autocast_counters_and_export():
     kw = CONFIGS["dim192"]
     reference, ours = pair(kw)
     x = images(ours)
@@ -104,6 +104,9 @@ def test_fast_path_steps_aside_for_autograd_hooks_counters_and_export():
     with torch.inference_mode():
         ours(x)
     assert seen == [(x.shape[0], 65, 4 * kw["embed_dim"])]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_calls(ours, x) == 0
+        assert ours(x).dtype == torch.bfloat16  # autocast ran the Linears in bfloat16
     flops = {}
     for key, model in (("ours", ours), ("timm", reference)):
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:

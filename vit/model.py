@@ -105,9 +105,9 @@ class _QuickGELU(nn.Module):
 # epilogue. Its GEMM, though, may sum in another order than aten's (MKL's), and for long rows (K > 384 with AVX-512)
 # that moves the logits by ~1e-5. So the fused op runs only for shapes where it has been seen to give bitwise the same
 # numbers as the plain modules on this machine (`_fuses_exactly`). It has no autograd formula and means nothing to
-# tracers, so it runs only on plain float32 CPU tensors without autograd, and never while scripting, tracing,
-# compiling, exporting or under a dispatch mode (FLOP counters); elsewhere, and for hooked or replaced Linears, the
-# plain modules run.
+# tracers, so it runs only on plain float32 CPU tensors without autograd or autocast, and never while scripting,
+# tracing, compiling, exporting or under a dispatch mode (FLOP counters); elsewhere, and for hooked or replaced
+# Linears, the plain modules run.
 _HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -138,6 +138,7 @@ def _linear(x: torch.Tensor, layer: nn.Module, act: nn.Module | None = None) -> 
         and x.device.type == "cpu"
         and x.dtype == layer.weight.dtype == torch.float32
         and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")  # autocast wants its own dtype for F.linear
         and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
         and not is_in_torch_dispatch_mode()  # FlopCounterMode, FakeTensorMode... see the aten ops
         and _fuses_exactly(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
@@ -100,14 +101,14 @@ class _QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-# Fast CPU inference for the Linear layers. aten's addmm first copies the broadcast bias into its output (about a tenth
-# of a ViT's CPU time) and the exact GELU costs another pass over memory; oneDNN's fused linear does both in the GEMM's
+# Fast CPU path for the Linear layers. aten's addmm first copies the broadcast bias into its output (about a tenth of a
+# ViT's CPU time), and the exact GELU costs another pass over memory; oneDNN's fused linear does both in the GEMM's
 # epilogue. Its GEMM, though, may sum in another order than aten's (MKL's), and for long rows (K > 384 with AVX-512)
-# that moves the logits by ~1e-5. So the fused op runs only for shapes where it has been seen to give bitwise the same
-# numbers as the plain modules on this machine (`_fuses_exactly`). It has no autograd formula and means nothing to
-# tracers, so it runs only on plain float32 CPU tensors without autograd or autocast, and never while scripting,
-# tracing, compiling, exporting or under a dispatch mode (FLOP counters); elsewhere, and for hooked or replaced
-# Linears, the plain modules run.
+# that moves the logits by ~1e-5. So the fused op runs only at shapes where it has been seen to give bitwise the
+# numbers of the plain modules on this machine (`_fuses_exactly`). Without autograd it takes the bias and the GELU;
+# with autograd only the bias, through `_BiasInEpilogue`, whose backward is aten's. It runs only on plain float32 CPU
+# tensors, never under autocast, functorch or forward-mode AD, while scripting, tracing, compiling or exporting, or
+# under a dispatch mode (FLOP counters); elsewhere, and for hooked or replaced Linears, the plain modules run.
 _HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -125,14 +126,29 @@ def _fuses_exactly(rows: int, k: int, n: int, bias: bool, gelu: bool, threads: i
     return torch.equal(_fused_linear(x, w, b, gelu), F.gelu(plain) if gelu else plain)
 
 
+class _BiasInEpilogue(torch.autograd.Function):
+    """F.linear(x, weight, bias) for training: the fused op forward, aten's addmm formulas backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _fused_linear(x, weight, bias, gelu=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (B*N, out)
+        return grad @ weight, rows.t() @ x.reshape(-1, x.shape[-1]), rows.sum(0)
+
+
 def _linear(x: torch.Tensor, layer: nn.Module, act: nn.Module | None = None) -> torch.Tensor:
     """`act(layer(x))`: through oneDNN's fused linear where that is exact (see above), else through the modules."""
-    gelu = type(act) is nn.GELU and act.approximate == "none"
+    grad = torch.is_grad_enabled()
+    gelu = type(act) is nn.GELU and act.approximate == "none" and not grad
     if (
         _HAS_FUSED_LINEAR
-        and (act is None or gelu)
-        and not torch.is_grad_enabled()
         and type(layer) is nn.Linear
+        and (layer.bias is not None if grad else act is None or gelu)
         and not (layer._forward_hooks or layer._forward_pre_hooks)
         and type(x) is torch.Tensor  # not a subclass: fake, meta, distributed...
         and x.device.type == "cpu"
@@ -141,11 +157,15 @@ def _linear(x: torch.Tensor, layer: nn.Module, act: nn.Module | None = None) -> 
         and not torch.is_autocast_enabled("cpu")  # autocast wants its own dtype for F.linear
         and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
         and not is_in_torch_dispatch_mode()  # FlopCounterMode, FakeTensorMode... see the aten ops
+        and not (grad and (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0))
         and _fuses_exactly(
             x.numel() // x.shape[-1], *layer.weight.shape[::-1], layer.bias is not None, gelu, torch.get_num_threads()
         )
     ):
-        return _fused_linear(x, layer.weight, layer.bias, gelu)
+        if not grad:
+            return _fused_linear(x, layer.weight, layer.bias, gelu)
+        y = _BiasInEpilogue.apply(x, layer.weight, layer.bias)
+        return y if act is None else act(y)
     return layer(x) if act is None else act(layer(x))
 
 

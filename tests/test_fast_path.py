@@ -12,7 +12,7 @@ from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import vit
-import vit.model as vit_model
+import vit.fused_linear as fused_linear
 
 # dim 192 gives short rows (fused on AVX-512 machines); mlp_ratio 4 at dim 384 gives fc2 rows of 1536 (not fused).
 CONFIGS = {
@@ -47,7 +47,7 @@ def layers_the_probe_accepts(rows: int, dim: int) -> int:
     """How many of a block's Linears (qkv, proj, fc1 + GELU, fc2; MLP ratio 4) may take the fused op here."""
     shapes = [(dim, 3 * dim, False), (dim, dim, False), (dim, 4 * dim, True), (4 * dim, dim, False)]
     threads = torch.get_num_threads()
-    return sum(vit_model._fuses_exactly(rows, k, n, True, gelu, threads) for k, n, gelu in shapes)
+    return sum(fused_linear._fuses_exactly(rows, k, n, True, gelu, threads) for k, n, gelu in shapes)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def test_logits_equal_timm_and_the_plain_path_bit_for_bit(name, mode, monkeypatc
     x = images(ours)
     with torch.inference_mode(mode == "inference"):
         fast, expected = ours(x), reference(x)
-        monkeypatch.setattr(vit_model, "_HAS_FUSED_LINEAR", False)
+        monkeypatch.setattr(fused_linear, "_HAS_FUSED_LINEAR", False)
         plain = ours(x)
     torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
     assert torch.equal(fast, plain)
@@ -72,7 +72,7 @@ def test_inference_really_takes_the_fused_path():
     kw = CONFIGS["dim192"]
     _, ours = pair(kw)
     x = images(ours)
-    accepted = layers_the_probe_accepts(x.shape[0] * 65, kw["embed_dim"]) if vit_model._HAS_FUSED_LINEAR else 0
+    accepted = layers_the_probe_accepts(x.shape[0] * 65, kw["embed_dim"]) if fused_linear._HAS_FUSED_LINEAR else 0
     if not accepted:
         pytest.skip("oneDNN and aten sum in different orders on this machine: the plain path is the only path")
     with torch.inference_mode():
@@ -87,16 +87,16 @@ def test_inference_really_takes_the_fused_path():
 def test_probe_refuses_a_fused_op_that_differs(monkeypatch):
     reference, ours = pair(CONFIGS["dim192"])
     x = images(ours)
-    real = vit_model._fused_linear
-    monkeypatch.setattr(vit_model, "_fused_linear", lambda *args: real(*args) * (1 + 1e-6))
-    vit_model._fuses_exactly.cache_clear()
+    real = fused_linear._fused_linear
+    monkeypatch.setattr(fused_linear, "_fused_linear", lambda *args: real(*args) * (1 + 1e-6))
+    fused_linear._fuses_exactly.cache_clear()
     try:
         with torch.inference_mode():
             ours(x)  # the probes run (and call the op) once per shape
             assert fused_calls(ours, x) == 0
             assert torch.equal(ours(x), reference(x))
     finally:
-        vit_model._fuses_exactly.cache_clear()
+        fused_linear._fuses_exactly.cache_clear()
 
 
 def test_fast_path_steps_aside_for_hooks_autocast_counters_and_export():
@@ -157,7 +157,7 @@ def test_double_backward_and_forward_mode_ad_match_the_plain_path(monkeypatch):
     x, tangent = images(ours), images(ours)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(vit_model, "_HAS_FUSED_LINEAR", fused)
+        monkeypatch.setattr(fused_linear, "_HAS_FUSED_LINEAR", fused)
         ours.zero_grad()
         xg = x.clone().requires_grad_()
         (grad_x,) = torch.autograd.grad(ours(xg).logsumexp(-1).sum(), xg, create_graph=True)

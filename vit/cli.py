@@ -301,16 +301,14 @@ def _lightning_cli_class() -> type:
             self._report()
 
         def _report(self, fitted: bool = False) -> None:
-            from rich.console import Console
-
+            # plain print: paths must not be wrapped or read as Rich markup
             trainer = self.trainer
-            console = Console(stderr=False)
-            console.print(f"run folder: {trainer.log_dir}")
+            print(f"run folder: {trainer.log_dir}")
             if fitted:
                 best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
-                console.print(f"checkpoints: best {best}  last {last}")
+                print(f"checkpoints: best {best}  last {last}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
-                console.print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     return ViTLightningCLI
 

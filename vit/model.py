@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
+
+from vit.fused_linear import linear  # act(layer(x)); oneDNN fuses bias and GELU on CPU where bitwise exact
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -100,54 +101,6 @@ class _QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-# Fast CPU inference for the Linear layers. aten's addmm first copies the broadcast bias into its output (about a tenth
-# of a ViT's CPU time) and the exact GELU costs another pass over memory; oneDNN's fused linear does both in the GEMM's
-# epilogue. Its GEMM, though, may sum in another order than aten's (MKL's), and for long rows (K > 384 with AVX-512)
-# that moves the logits by ~1e-5. So the fused op runs only for shapes where it has been seen to give bitwise the same
-# numbers as the plain modules on this machine (`_fuses_exactly`). It has no autograd formula and means nothing to
-# tracers, so it runs only on plain float32 CPU tensors without autograd, and never while scripting, tracing,
-# compiling, exporting or under a dispatch mode (FLOP counters); elsewhere, and for hooked or replaced Linears, the
-# plain modules run.
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none")
-
-
-@lru_cache(maxsize=256)
-def _fuses_exactly(rows: int, k: int, n: int, bias: bool, gelu: bool, threads: int) -> bool:
-    """Whether the fused op equals F.linear (then exact GELU) bit for bit at this shape, tried once on random data."""
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    b = b if bias else None
-    plain = F.linear(x, w, b)
-    return torch.equal(_fused_linear(x, w, b, gelu), F.gelu(plain) if gelu else plain)
-
-
-def _linear(x: torch.Tensor, layer: nn.Module, act: nn.Module | None = None) -> torch.Tensor:
-    """`act(layer(x))`: through oneDNN's fused linear where that is exact (see above), else through the modules."""
-    gelu = type(act) is nn.GELU and act.approximate == "none"
-    if (
-        _HAS_FUSED_LINEAR
-        and (act is None or gelu)
-        and not torch.is_grad_enabled()
-        and type(layer) is nn.Linear
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-        and type(x) is torch.Tensor  # not a subclass: fake, meta, distributed...
-        and x.device.type == "cpu"
-        and x.dtype == layer.weight.dtype == torch.float32
-        and torch.backends.mkldnn.enabled
-        and not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
-        and not is_in_torch_dispatch_mode()  # FlopCounterMode, FakeTensorMode... see the aten ops
-        and _fuses_exactly(
-            x.numel() // x.shape[-1], *layer.weight.shape[::-1], layer.bias is not None, gelu, torch.get_num_threads()
-        )
-    ):
-        return _fused_linear(x, layer.weight, layer.bias, gelu)
-    return layer(x) if act is None else act(layer(x))
-
-
 def _norm(cfg: ViTConfig, dim: int | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(dim or cfg.embed_dim, eps=cfg.norm_eps)
 
@@ -201,7 +154,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Split along the `three` axis of (B, N, 3, nh, hd), not a leading one: the gradient of that split is then
         # stacked straight into qkv's own layout, which saves a copy per block in the backward pass.
-        qkv = rearrange(_linear(x, self.qkv), "b n (three h d) -> b n three h d", three=3, h=self.num_heads)
+        qkv = rearrange(linear(x, self.qkv), "b n (three h d) -> b n three h d", three=3, h=self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         drop = self.attn_drop if self.training else 0.0
@@ -212,7 +165,7 @@ class Attention(nn.Module):
             self.attn_hook(attn)
             x = F.dropout(attn, drop, self.training) @ v
         x = rearrange(x, "b h n d -> b n (h d)")
-        return self.proj_drop(_linear(x, self.proj))
+        return self.proj_drop(linear(x, self.proj))
 
 
 class Mlp(nn.Module):
@@ -226,7 +179,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(cfg.proj_drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(_linear(self.drop1(_linear(x, self.fc1, self.act)), self.fc2))
+        return self.drop2(linear(self.drop1(linear(x, self.fc1, self.act)), self.fc2))
 
 
 class LayerScale(nn.Module):

@@ -141,6 +141,47 @@ def test_config_rejects_inconsistent_settings():
         vit.ViTConfig(embed_dim=100, num_heads=3)
     with pytest.raises(ValueError, match="patch_size"):
         vit.ViTConfig(img_size=225)
+    with pytest.raises(ValueError, match=r"conv_stem=\[8, 8, 8\] halves the image more often"):
+        vit.ViTConfig(patch_size=4, img_size=32, conv_stem=[8, 8, 8])
+
+
+# ----------------------------------------------------------------------------------------- conv stem
+STEM = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+
+
+def test_conv_stem_halves_the_image_per_conv_and_projects_the_rest_of_the_patch():
+    model = vit.VisionTransformer(vit.ViTConfig(**STEM, conv_stem=[8, 16]))
+    convs = [m for m in model.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(3, 8, (2, 2)), (8, 16, (2, 2))]
+    assert model.patch_embed.proj.kernel_size == (2, 2)  # 8 / 2 / 2
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 32)  # a 4x4 grid, as without
+    assert model.cfg.to_dict()["conv_stem"] == [8, 16]  # plain values for checkpoints
+
+
+def test_conv_stem_off_is_timms_patch_embedding_and_on_adds_only_stem_keys():
+    plain = vit.VisionTransformer(vit.ViTConfig(**STEM))
+    timm_model = TimmViT(**STEM)
+    assert list(plain.state_dict()) == list(timm_model.state_dict())
+    stem = vit.VisionTransformer(vit.ViTConfig(**STEM, conv_stem=[8]))
+    added = set(stem.state_dict()) - set(plain.state_dict())
+    assert added and all(k.startswith("patch_embed.stem.") for k in added)
+
+
+def test_conv_stem_model_round_trips_through_safetensors_with_its_batchnorm_statistics(tmp_path):
+    model = vit.VisionTransformer(vit.ViTConfig(**STEM, conv_stem=[8, 16]))
+    model.train()
+    model(torch.randn(8, 3, 32, 32) * 3 + 1)  # moves the BatchNorm running statistics off their defaults
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    loaded, _ = vit.load_model(vit.save_safetensors(model, tmp_path / "stem.safetensors"))
+    assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_timm_weights_into_a_conv_stem_model_name_the_missing_stem(tmp_path):
+    torch.save(TimmViT(**STEM).state_dict(), tmp_path / "timm.pth")
+    model = vit.VisionTransformer(vit.ViTConfig(**STEM, conv_stem=[8]))
+    with pytest.raises(vit.CheckpointError, match=r"patch_embed\.stem\.0\.weight"):
+        vit.load_pretrained(model, tmp_path / "timm.pth")
 
 
 # ---------------------------------------------------------------------------------------------- the API

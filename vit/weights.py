@@ -350,7 +350,7 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
         state["pos_embed"] = resample_abs_pos_embed(pos, list(cfg.grid_size), old_grid, num_prefix_tokens=prefix)
 
     proj = state.get("patch_embed.proj.weight")
-    if proj is not None and proj.ndim == 4 and proj.shape[0] == cfg.embed_dim:
+    if proj is not None and proj.ndim == 4 and proj.shape[0] == cfg.embed_dim and not cfg.conv_stem:
         if proj.shape[1] != cfg.in_chans:
             proj = adapt_input_conv(cfg.in_chans, proj)
         if proj.shape[-1] != cfg.patch_size:

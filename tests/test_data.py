@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from vit.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from vit.datasets import ImageDataset
 from vit.module import ViTClassifier
 
 # Identity preprocessing: tensors are pixel / 255, so they can be compared with the files' pixels.
@@ -222,3 +223,45 @@ def test_cifar_files_are_read_without_running_pickled_code(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"batches\.meta.*refused"):
         dm.setup("fit")
     assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_in_memory_image_folder_holds_the_evaluation_tensors_and_leaves_unreadable_files_out(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    broken = write_broken_images(tmp_path / "train" / "cat")
+    options = dict(val_fraction=0.25, batch_size=4, preprocessing=RAW_RGB_16, split_seed=0)
+    on_disk = ImageFolderDataModule(tmp_path / "train", num_workers=0, **options)
+    in_memory = ImageFolderDataModule(tmp_path / "train", in_memory=True, auto_augment=None, **options)
+    on_disk.setup("fit")
+    in_memory.setup("fit")
+    assert in_memory.num_workers == 0  # batches are slices of a tensor: no loader processes
+    assert set(in_memory.skipped) == {str(p) for p in broken}  # counted once, at caching
+    for split in ("train", "val"):
+        plain = on_disk.datasets[split]  # the same split decoded per item, without augmentation
+        plain = ImageDataset(plain.source, plain.indices, on_disk.eval_transform(), "RGB")
+        expected = [item for item in plain if isinstance(item[0], torch.Tensor)]
+        x, y = in_memory.datasets[split].cached
+        assert torch.equal(x, torch.stack([e[0] for e in expected]))  # the evaluation transform, once
+        assert y.tolist() == [e[1] for e in expected]
+    batches = list(in_memory.train_dataloader())
+    assert [len(b[0]) for b in batches] == [4, 4, 4] and all(len(b) == 2 for b in batches)
+    x, y = in_memory.datasets["train"].cached  # each batch: distinct rows of the cache, with their labels
+    rows = [next(i for i in range(len(x)) if torch.equal(x[i], image)) for b in batches for image in b[0]]
+    assert len(set(rows)) == len(rows) and y[rows].tolist() == torch.cat([b[1] for b in batches]).tolist()
+
+
+def test_in_memory_image_folder_trains_on_batch_augmented_images(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    dm = ImageFolderDataModule(
+        tmp_path / "train", in_memory=True, auto_augment=None, batch_size=64, preprocessing=RAW_RGB_16
+    )
+    keep = _KeepBatches()
+    tiny_trainer(max_epochs=1, callbacks=[keep]).fit(tiny_classifier(img=16), datamodule=dm)
+    (train,), stored = keep.train, dm.datasets["train"].cached[0]
+    assert torch.equal(keep.val[-1], dm.datasets["val"].cached[0])  # validation exactly as stored
+    assert not any(torch.equal(a, b) for a in train for b in stored)  # training images cropped / flipped
+
+
+def test_in_memory_with_randaugment_says_it_is_not_applied(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=2)
+    with pytest.warns(UserWarning, match="auto_augment='rand-m9-mstd0.5-inc1' is not applied"):
+        ImageFolderDataModule(tmp_path / "train", in_memory=True)

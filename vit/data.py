@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from sklearn.model_selection import train_test_split
 from timm.data import create_transform, resolve_data_config
 from timm.data.random_erasing import RandomErasing
@@ -74,11 +75,10 @@ class VisionDataModule(L.LightningDataModule):
         hflip: horizontal-flip probability.
         scale: area range of the random resized crop.
         color_jitter: colour-jitter strength (ignored by timm while RandAugment is on); None: off.
+        in_memory: decode and preprocess every image once and keep the splits as tensors; training batches are
+            then augmented whole on the device (random resized crop, flip, random erasing; no RandAugment), so
+            loading is never the bottleneck. For sets that fit in memory (CIFAR-size images).
     """
-
-    # Small sets: every split is transformed once (no augmentation) and kept as tensors; training batches are
-    # then augmented as whole batches on the device (`batch_augment`), so loading is never the bottleneck.
-    in_memory = False
 
     def __init__(
         self,
@@ -92,10 +92,15 @@ class VisionDataModule(L.LightningDataModule):
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.08, 1.0),
         color_jitter: float | None = None,
+        in_memory: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.in_memory = in_memory
+        # In memory a batch is a slice of tensors: worker processes would only add start-up time.
+        self.num_workers = (0 if in_memory else default_num_workers()) if num_workers is None else num_workers
+        if in_memory and auto_augment:
+            rank_zero_warn(f"in_memory=True augments whole batches; auto_augment={auto_augment!r} is not applied")
         self.preprocessing = dict(preprocessing or {})  # hparams keeps what the user passed
         self.class_names: list[str] | None = None
         self.data_config: dict[str, Any] | None = None
@@ -127,7 +132,10 @@ class VisionDataModule(L.LightningDataModule):
         for split, (source, indices) in self._splits(STAGE_SPLITS[stage]).items():
             augment = split == "train" and not self.in_memory
             transform = self.train_transform() if augment else self.eval_transform()
-            self.datasets[split] = ImageDataset(source, indices, transform, mode, cache=self.in_memory)
+            # Decoding is the slow part of caching: all the cores share it, whatever the training loader uses.
+            dataset = ImageDataset(source, indices, transform, mode, self.in_memory, default_num_workers() + 1)
+            self.skipped.update(dict(dataset.skipped))
+            self.datasets[split] = dataset
 
     def train_transform(self) -> Any:
         """timm's training pipeline: random resized crop, flip, RandAugment, normalise, random erasing."""
@@ -212,12 +220,10 @@ class DigitsDataModule(VisionDataModule):
     digits are not mirror-symmetric, so there is no flip by default.
     """
 
-    in_memory = True
-
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int | None = 0,  # in memory: worker processes would only add start-up time
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         preprocessing: dict[str, Any] | None = None,
@@ -236,6 +242,7 @@ class DigitsDataModule(VisionDataModule):
             re_prob=re_prob,
             hflip=hflip,
             scale=scale,
+            in_memory=True,
         )
         self.class_names = [str(d) for d in range(10)]
 
@@ -272,6 +279,7 @@ class ImageFolderDataModule(VisionDataModule):
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.08, 1.0),
         color_jitter: float | None = None,
+        in_memory: bool = False,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -284,6 +292,7 @@ class ImageFolderDataModule(VisionDataModule):
             hflip=hflip,
             scale=scale,
             color_jitter=color_jitter,
+            in_memory=in_memory,
         )
         self.train_dir = Path(train_dir)
         self.class_names = class_folders(self.train_dir)
@@ -344,6 +353,7 @@ class CIFAR10DataModule(VisionDataModule):
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.35, 1.0),
         color_jitter: float | None = None,
+        in_memory: bool = False,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -357,6 +367,7 @@ class CIFAR10DataModule(VisionDataModule):
             hflip=hflip,
             scale=scale,
             color_jitter=color_jitter,
+            in_memory=in_memory,
         )
         import torchvision.datasets
 

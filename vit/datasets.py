@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 # What PIL raises for a missing, truncated or undecodable file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -55,18 +55,43 @@ class Skipped(tuple):
 class ImageDataset(Dataset):
     """A split of an image source: decode, convert to the model's channels, transform.
 
-    With `cache=True` (small eval splits held in memory) every item is transformed once, up front.
+    With `cache=True` every item is transformed once, up front (by `workers` loader processes), and the split is
+    held as one tensor; unreadable items are then left out and listed in `skipped`.
     """
 
-    def __init__(self, source: Any, indices: Sequence[int], transform: Any, mode: str, cache: bool = False):
+    def __init__(
+        self, source: Any, indices: Sequence[int], transform: Any, mode: str, cache: bool = False, workers: int = 0
+    ):
         self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
-        self.cached = [self._read(i) for i in range(len(self.indices))] if cache else None
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.skipped: list[Skipped] = []
+        if cache:
+            self.cached = self._decode_all(workers)
+
+    def _decode_all(self, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        workers = workers if len(self.indices) > 4096 else 0  # starting processes costs more than small sets
+        loader = DataLoader(self, batch_size=256, num_workers=workers, collate_fn=collate_skipping)
+        xs, ys = [], [torch.empty(0, dtype=torch.long)]
+        for x, y, *skipped in loader:
+            xs.extend([x] if len(x) else [])
+            ys.append(y)
+            self.skipped.extend(skipped[0] if skipped else [])
+        return (torch.cat(xs) if xs else torch.empty(0)), torch.cat(ys)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) if self.cached is None else len(self.cached[1])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
-        return self.cached[i] if self.cached is not None else self._read(i)
+        if self.cached is not None:
+            return self.cached[0][i], self.cached[1][i]
+        return self._read(i)
+
+    def __getitems__(self, indices: list[int]) -> list[Any] | tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch; from the cache as one indexing op (the DataLoader calls this instead of per item)."""
+        if self.cached is None:
+            return [self._read(i) for i in indices]
+        index = torch.as_tensor(indices)
+        return self.cached[0][index], self.cached[1][index]
 
     def _read(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         j = self.indices[i]
@@ -79,6 +104,8 @@ class ImageDataset(Dataset):
 
 def collate_skipping(items: list[Any]) -> tuple:
     """`default_collate` over the readable items; unreadable ones ride along as a third element."""
+    if isinstance(items, tuple):  # a batch from a cached split, already stacked
+        return items
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [it for it in items if isinstance(it, Skipped)]
     x, y = default_collate(good) if good else (torch.empty(0), torch.empty(0, dtype=torch.long))

@@ -4,6 +4,7 @@ LR decay, warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,19 @@ def warmup_cosine(step: int, warmup: int, total: float, floor: float) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class WarmupCosine:
+    """`warmup_cosine` as a LambdaLR function whose fields live in the scheduler's state dict, so that a schedule
+    that `vit.budget.TimeBudget` shortened resumes shortened."""
+
+    warmup: int
+    total: float
+    floor: float
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup, self.total, self.floor)
 
 
 class ViTClassifier(L.LightningModule):
@@ -236,7 +250,7 @@ class ViTClassifier(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         warmup = max(1, round(self.hparams.warmup_epochs * per_epoch))
-        schedule = partial(warmup_cosine, warmup=warmup, total=float(total), floor=self.hparams.min_lr_ratio)
+        schedule = WarmupCosine(warmup, float(total), self.hparams.min_lr_ratio)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},

@@ -167,3 +167,16 @@ def test_checkpoint_carries_the_vit_contract_in_plain_values(tmp_path):
         expected = model.eval()(x)
         assert torch.allclose(restored(x), expected, atol=1e-6)
         assert torch.allclose(fresh.eval()(x), expected, atol=1e-6)
+
+
+def test_compiled_model_trains_and_keeps_its_state_dict_keys(tmp_path):
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()  # a backend that counts the graphs it is given
+    model = tiny(compile=counter)
+    plain = tiny()
+    keys = list(model.state_dict())
+    fit(model, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    assert counter.frame_count >= 1  # the model's forward went through torch.compile
+    assert list(model.state_dict()) == keys == list(plain.state_dict())

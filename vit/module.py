@@ -209,7 +209,8 @@ class ViTClassifier(L.LightningModule):
         if len(x) == 0:
             return
         logits = self(x)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(x))
+        # averaged over the processes under DDP (the accuracies are torchmetrics, which sync themselves)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(x), sync_dist=True)
         metrics.update(logits, y)
         self.log_dict(metrics, prog_bar=True, batch_size=len(x))
 

@@ -33,19 +33,21 @@ LIMIT_S = 150  # a hang would last the process-group timeout (30 minutes)
 
 
 def _vit_fit(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`python -m vit.cli fit` in its own session; on a hang, the whole process group is killed and the test fails."""
+    """`python -m vit.cli fit` in its own session, returning as soon as the launching process ends (its output goes
+    to files, which the ranks it started cannot hold open); on a hang the process group is killed and the test fails."""
     paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     command = [sys.executable, "-m", "vit.cli", "fit", *TINY, *DDP, *extra]
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"vit fit with 2 processes still ran after {LIMIT_S} s")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+    out, err = cwd / "stdout.txt", cwd / "stderr.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=o, stderr=e, start_new_session=True)
+        try:
+            proc.wait(timeout=LIMIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"vit fit with 2 processes still ran after {LIMIT_S} s")
+    return subprocess.CompletedProcess(command, proc.returncode, out.read_text(), err.read_text())
 
 
 def _val_metrics(run: Path) -> dict[str, float]:
@@ -84,7 +86,7 @@ def _alive(pid: int) -> bool:
 def test_an_exception_in_one_rank_ends_every_process_with_an_error(tmp_path, rank):
     fault = {"class_path": "_faults.RaiseOnRank", "init_args": {"rank": rank, "step": 1, "pid_dir": str(tmp_path)}}
     done = _vit_fit(tmp_path, f"--trainer.callbacks+={json.dumps(fault)}")
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)  # checked the moment the command returned
     assert done.returncode != 0
     assert f"injected fault on rank {rank} at step 1" in done.stderr
-    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)

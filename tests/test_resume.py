@@ -38,16 +38,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
-def _fit_in_process(folder: Path, *extra: str) -> dict[str, torch.Tensor]:
+def _fit_in_process(folder: Path, *extra: str, data: list[str] = TINY, name: str = "digits") -> dict[str, torch.Tensor]:
     """Train in `folder` (run folder version_0) and return the final state dict of last.ckpt."""
     folder.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        assert main(["fit", *TINY, *extra]) == 0
+        assert main(["fit", *data, *extra]) == 0
     finally:
         os.chdir(cwd)
-    return torch.load(folder / "runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    return torch.load(folder / f"runs/{name}/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -105,6 +105,27 @@ def test_the_saved_rng_states_are_what_makes_the_resume_exact(tmp_path):
 
     assert _max_difference(resume(last, "with"), uninterrupted) <= 1e-6
     assert _max_difference(resume(tmp_path / "without_rng.ckpt", "without"), uninterrupted) > 1e-4
+
+
+def test_resume_is_exact_when_loader_workers_augment(tmp_path):
+    """RandAugment, flips and erasing drawn in a worker process, whose seed comes from the global torch RNG."""
+    from _images import write_image_folder
+
+    train = write_image_folder(tmp_path / "train", per_class=8)
+    folder = ["--config", str(ROOT / "configs" / "imagefolder.yaml"), "--data.train_dir", str(train)]
+    tiny = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2})
+    small = ["--model.img_size", "16", "--model.model_overrides", tiny, "--data.batch_size", "8"]
+    data = [*folder, *small, "--data.num_workers", "1", "--trainer.enable_progress_bar", "false"]
+
+    def fit(where: str, epochs: int, *extra: str) -> dict[str, torch.Tensor]:
+        return _fit_in_process(tmp_path / where, "--trainer.max_epochs", str(epochs), *extra, data=data,
+                               name="imagefolder")  # fmt: skip
+
+    uninterrupted = fit("whole", 3)
+    fit("part", 1)
+    resumed = fit("resumed", 3, "--ckpt_path", str(tmp_path / "part/runs/imagefolder/version_0/checkpoints/last.ckpt"))
+    assert _max_difference(resumed, uninterrupted) <= 1e-6
+    assert _max_difference(fit("seed1", 3, "--seed_everything", "1"), uninterrupted) > 1e-4
 
 
 WRITER = """

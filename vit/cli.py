@@ -192,6 +192,8 @@ def _lightning_main(argv: list[str]) -> int:
 
     # We choose the loader processes on purpose (none for in-memory data, cores - 1 otherwise).
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
     try:
         _lightning_cli_class()(args=argv)
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
@@ -213,10 +215,12 @@ def _lightning_cli_class() -> type:
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.io import CheckpointIO
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
-    from vit.safety import StopOnNonFiniteLoss, check_checkpoint
+    from vit.resume import AtomicCheckpointIO, RNGStateCheckpoint
+    from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
@@ -257,13 +261,20 @@ def _lightning_cli_class() -> type:
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             """Adds last.ckpt written at every epoch (ModelCheckpoint's own save_last follows the monitored
-            checkpoint, so it stops at the last improvement), the non-finite-loss guard, and Lightning's Rich
-            bar unless the config has a progress bar of its own or turns bars off."""
+            checkpoint, so it stops at the last improvement), the non-finite-loss guard, the RNG states in every
+            checkpoint (exact resume), checkpoints written atomically, and Lightning's Rich bar unless the config
+            has a progress bar of its own or turns bars off."""
             config = self._get(self.config_init, "trainer", default={})
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
-            callbacks = [*callbacks, self.last_checkpoint, StopOnNonFiniteLoss()]
+            callbacks = [*callbacks, self.last_checkpoint, StopOnNonFiniteLoss(), EndAllRanksOnError()]
+            if self.subcommand == "fit":
+                callbacks.append(RNGStateCheckpoint())
+            plugins = config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the user's wins
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
             if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks
             ):
@@ -303,7 +314,10 @@ def _lightning_cli_class() -> type:
         def _report(self, fitted: bool = False) -> None:
             # plain print: paths must not be wrapped or read as Rich markup
             trainer = self.trainer
-            print(f"run folder: {trainer.log_dir}")
+            run_folder = trainer.log_dir  # every rank: under DDP this is a broadcast from rank 0
+            if not trainer.is_global_zero:  # one report per run, not one per process
+                return
+            print(f"run folder: {run_folder}")
             if fitted:
                 best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
                 print(f"checkpoints: best {best}  last {last}")

@@ -167,7 +167,9 @@ class VisionDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train and len(dataset) > self.hparams.batch_size,  # even batches for Mixup/CutMix
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # training workers start afresh each epoch, seeded from the global torch RNG, which checkpoints carry:
+            # persistent ones would carry their RNGs on from epoch to epoch, out of a resumed run's reach
+            persistent_workers=self.num_workers > 0 and not train,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping,
         )

@@ -144,6 +144,8 @@ class ViTClassifier(L.LightningModule):
         self.ema = ModelEmaV3(self.model, decay=h.ema_decay, use_warmup=True) if h.ema_decay else None
         if self.ema is not None:  # timm leaves the copy in eval mode; let Lightning switch it with the rest
             self.ema.train(self.training)
+            # updated in place, never by gradients: DDP would otherwise wait for their gradients and fail
+            self.ema.requires_grad_(False)
         if n >= 2:  # a headless model (num_classes=0) gets its head, and metrics, from the data at setup
             accuracy = partial(MulticlassAccuracy, n, average="micro")
             metrics = MetricCollection({"acc": accuracy(top_k=1), "acc5": accuracy(top_k=min(5, n))})
@@ -229,7 +231,8 @@ class ViTClassifier(L.LightningModule):
         if len(x) == 0:
             return
         logits = self(x)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(x))
+        # averaged over the processes under DDP (the accuracies are torchmetrics, which sync themselves)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(x), sync_dist=True)
         metrics.update(logits, y)
         self.log_dict(metrics, prog_bar=True, batch_size=len(x))
 

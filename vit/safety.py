@@ -1,10 +1,12 @@
 """Guards for long runs and untrusted files: checkpoints are checked with `torch.load(weights_only=True)`
-before Lightning opens them, and a non-finite loss stops training before it reaches the weights."""
+before Lightning opens them, a non-finite loss stops training before it reaches the weights, and a process that
+fails in a multi-process run ends the others instead of leaving them waiting."""
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,24 @@ class StopOnNonFiniteLoss(Callback):
                 f"the weights hold NaN or inf at step {trainer.global_step} (epoch {trainer.current_epoch}), e.g. "
                 f"{bad[0]}; the checkpoint was not written; last checkpoint: {_last(trainer)}"
             )
+
+
+class EndAllRanksOnError(Callback):
+    """When the launching process (rank 0) of a single-node DDP run fails, kill the ranks it started at once.
+
+    Lightning kills everything when a child rank exits with an error (its process observer) and on Ctrl-C, but
+    not when rank 0 raises: the children would sit in their next collective until the backend notices (gloo: a
+    closed socket; NCCL: the process-group timeout, 30 minutes by default) and outlive the command. Ranks started
+    by torchrun or SLURM are ended by those launchers (`srun --kill-on-bad-exit=1`)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            launcher.kill(signal.SIGKILL)  # they may be blocked inside a collective, where SIGTERM waits
+            for proc in launcher.procs:
+                proc.wait()
 
 
 def _last(trainer: L.Trainer) -> str:

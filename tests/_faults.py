@@ -1,0 +1,39 @@
+"""Test-only callbacks that put faults into a real `vit fit` run, passed with `--trainer.callbacks+=` (the tests
+put this folder on the subprocess's PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class PauseMidEpoch(Callback):
+    """At batch `batch` of epoch `epoch`, write the global step to `marker` and sleep, so that a kill sent once
+    the marker exists lands mid-epoch, after the previous epoch's checkpoints were written."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 1, seconds: float = 600.0):
+        self.marker, self.epoch, self.batch, self.seconds = Path(marker), epoch, batch, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self.marker.write_text(str(trainer.global_step))
+            time.sleep(self.seconds)
+
+
+class RaiseOnRank(Callback):
+    """Raise RuntimeError on global rank `rank` when its training reaches global step `step`; every rank writes
+    its process id to `pid_dir/<rank>.pid` first, so a test can check that none outlives the command."""
+
+    def __init__(self, rank: int = 1, step: int = 1, pid_dir: str | None = None):
+        self.rank, self.step, self.pid_dir = rank, step, pid_dir
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.pid_dir:
+            (Path(self.pid_dir) / f"{trainer.global_rank}.pid").write_text(str(os.getpid()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step}")

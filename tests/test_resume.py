@@ -1,0 +1,205 @@
+"""Exact resume: a `vit fit` run killed with SIGKILL mid-epoch and resumed from its last.ckpt ends with the weights
+of the run that was never interrupted; and a checkpoint write that is killed leaves the previous file whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config",
+    str(ROOT / "configs" / "digits.yaml"),
+    "--model.model_overrides",
+    json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}),
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.limit_train_batches",
+    "4",
+    "--trainer.limit_val_batches",
+    "1",
+]
+# every global generator in play: torch (sampler seed, loader seed, batch crops), numpy (Mixup's lambda),
+# python `random` (random erasing), and the EMA weights besides the model's
+RANDOM_EVERYWHERE = ["--model.ema_decay", "0.9", "--model.mixup_alpha", "0.4", "--data.init_args.re_prob", "0.5"]
+
+
+def _env() -> dict[str, str]:
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def _fit_in_process(folder: Path, *extra: str, data: list[str] = TINY, name: str = "digits") -> dict[str, torch.Tensor]:
+    """Train in `folder` (run folder version_0) and return the final state dict of last.ckpt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["fit", *data, *extra]) == 0
+    finally:
+        os.chdir(cwd)
+    return torch.load(folder / f"runs/{name}/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_the_uninterrupted_run(tmp_path):
+    run, marker, log = tmp_path / "killed", tmp_path / "paused", tmp_path / "killed.log"
+    run.mkdir()
+    pause = {"class_path": "_faults.PauseMidEpoch", "init_args": {"marker": str(marker), "epoch": 1, "batch": 2}}
+    command = [sys.executable, "-m", "vit.cli", "fit", *TINY, *RANDOM_EVERYWHERE, "--trainer.max_epochs", "3"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*command, f"--trainer.callbacks+={json.dumps(pause)}"], cwd=run, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)  # the third batch of epoch 1 is under way: a kill mid-epoch
+        proc.wait()
+    assert marker.exists(), log.read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    last = run / "runs/digits/version_0/checkpoints/last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 4) and int(marker.read_text()) == 6  # 2 steps were lost
+
+    resumed = subprocess.run([*command, "--ckpt_path", str(last)], cwd=run, env=_env(), capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(run / "runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (2, 12)
+
+    uninterrupted = _fit_in_process(tmp_path / "whole", *RANDOM_EVERYWHERE, "--trainer.max_epochs", "3")
+    assert any(k.startswith("ema.module.") for k in uninterrupted)
+    assert _max_difference(final["state_dict"], uninterrupted) <= 1e-6
+    other_seed = _fit_in_process(tmp_path / "seed1", *RANDOM_EVERYWHERE, "--trainer.max_epochs", "3",
+                                 "--seed_everything", "1")  # fmt: skip
+    assert _max_difference(uninterrupted, other_seed) > 1e-3  # the comparison above can fail
+
+
+def test_the_saved_rng_states_are_what_makes_the_resume_exact(tmp_path):
+    uninterrupted = _fit_in_process(tmp_path / "whole", "--trainer.max_epochs", "2")
+    _fit_in_process(tmp_path / "part", "--trainer.max_epochs", "1")
+    last = tmp_path / "part/runs/digits/version_0/checkpoints/last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)  # plain tensors, lists and numbers only
+    states = checkpoint["rng_states"]
+    assert states["world_size"] == 1 and len(states["ranks"]) == 1
+    assert isinstance(states["ranks"][0]["python"]["state"], list)
+    assert isinstance(states["ranks"][0]["numpy"]["keys"], torch.Tensor)
+    del checkpoint["rng_states"]
+    torch.save(checkpoint, tmp_path / "without_rng.ckpt")
+
+    def resume(source: Path, folder: str) -> dict[str, torch.Tensor]:
+        return _fit_in_process(tmp_path / folder, "--trainer.max_epochs", "2", "--ckpt_path", str(source))
+
+    assert _max_difference(resume(last, "with"), uninterrupted) <= 1e-6
+    assert _max_difference(resume(tmp_path / "without_rng.ckpt", "without"), uninterrupted) > 1e-4
+
+
+def test_resume_is_exact_when_loader_workers_augment(tmp_path):
+    """RandAugment, flips and erasing drawn in a worker process, whose seed comes from the global torch RNG."""
+    from _images import write_image_folder
+
+    train = write_image_folder(tmp_path / "train", per_class=8)
+    folder = ["--config", str(ROOT / "configs" / "imagefolder.yaml"), "--data.train_dir", str(train)]
+    tiny = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2})
+    small = ["--model.img_size", "16", "--model.model_overrides", tiny, "--data.batch_size", "8"]
+    data = [*folder, *small, "--data.num_workers", "1", "--trainer.enable_progress_bar", "false"]
+
+    def fit(where: str, epochs: int, *extra: str) -> dict[str, torch.Tensor]:
+        return _fit_in_process(tmp_path / where, "--trainer.max_epochs", str(epochs), *extra, data=data,
+                               name="imagefolder")  # fmt: skip
+
+    uninterrupted = fit("whole", 3)
+    fit("part", 1)
+    resumed = fit("resumed", 3, "--ckpt_path", str(tmp_path / "part/runs/imagefolder/version_0/checkpoints/last.ckpt"))
+    assert _max_difference(resumed, uninterrupted) <= 1e-6
+    assert _max_difference(fit("seed1", 3, "--seed_everything", "1"), uninterrupted) > 1e-4
+
+
+WRITER = """
+import resource, signal, sys, torch
+from vit.resume import AtomicCheckpointIO
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # python ignores it (writes then fail with EFBIG); the default kills
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1_000_000)}, sys.argv[1])
+"""
+
+
+def test_a_checkpoint_write_killed_halfway_leaves_the_previous_file_whole(tmp_path):
+    from vit.resume import AtomicCheckpointIO
+
+    path = tmp_path / "run" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    # the kernel kills the writer (SIGXFSZ) when a file it writes grows past 1 MB: midway through 4 MB
+    proc = subprocess.run([sys.executable, "-c", WRITER, str(path), str(2**20)], env=_env(), capture_output=True)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr.decode()[-2000:]
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(10))
+    leftovers = [p for p in path.parent.iterdir() if p != path]
+    assert len(leftovers) == 1 and 0 < leftovers[0].stat().st_size <= 2**20  # the killed write went to a side file
+
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, path)  # the next good write clears it away
+    assert sorted(path.parent.iterdir()) == [path]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_checkpoints_are_renamed_into_place_from_their_own_folder(tmp_path, monkeypatch):
+    """A rename within one file system is atomic; Lightning's own IO moves a file from the system temp folder,
+    which is a copy whenever that is another file system."""
+    from vit.resume import AtomicCheckpointIO
+
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst))
+    )
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
+    path = tmp_path / "run" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, path)
+    assert len(renames) == 1 and renames[0][1] == path and renames[0][0].parent == path.parent
+
+
+def test_vit_fit_writes_its_checkpoints_through_the_atomic_io(tmp_path, monkeypatch):
+    from vit.resume import AtomicCheckpointIO
+
+    written = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def save(self, checkpoint, path, **kwargs):
+        written.append(Path(path).name)
+        return real_save(self, checkpoint, path, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    _fit_in_process(tmp_path, "--trainer.max_epochs", "1")
+    assert sorted(written) == ["best.ckpt", "last.ckpt"]
+
+
+def test_rng_states_restore_every_generator_including_cached_gaussians():
+    import random
+
+    import numpy as np
+
+    from vit.resume import rng_state, set_rng_state
+
+    random.gauss(0, 1), np.random.standard_normal()  # each caches a second gaussian, part of the state
+    saved = rng_state(torch.device("cpu"))
+
+    def draw() -> list:
+        return [torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.gauss(0, 1), random.random()]
+
+    before = draw()
+    set_rng_state(saved, torch.device("cpu"))
+    assert draw() == before

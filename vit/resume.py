@@ -1,0 +1,124 @@
+"""Exact resume: every checkpoint carries the random-number generators of every rank, and reaches the disk whole.
+
+Lightning restores the weights, optimiser, LR schedule and loop counters, but not the global RNGs (it only
+copies them into `ddp_spawn` children). Our data draw from those: the training sampler seeds itself from the
+global torch RNG at each epoch's iterator, so do the loader's worker seeds, the in-memory batch augmentation
+(torch, on the device), timm's Mixup (numpy) and random erasing (python `random`). Restored at load time they
+give a resumed run the very draws of the uninterrupted one: nothing draws between the restore and the first
+resumed iterator (Lightning's sanity check runs under `isolate_rng`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+CHECKPOINT_KEY = "rng_states"
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's global RNG states as plain tensors, lists and numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    cuda = device is not None and device.type == "cuda"
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if cuda else None,  # the rank's own device, not every GPU
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": list(state), "gauss": gauss},
+    }
+
+
+def set_rng_state(saved: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda"], device)
+    n = saved["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = saved["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves the global RNG states of every rank (torch CPU, the rank's CUDA device, numpy, python `random`) in
+    `checkpoint["rng_states"]` and restores them when `fit` resumes, so the run goes on with the same shuffles,
+    augmentations, dropout masks and worker seeds as if it had never stopped. `vit fit` always adds it."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        mine = rng_state(trainer.strategy.root_device)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank saves together (Lightning's rule for save_checkpoint); rank 0 writes all ranks' states
+            ranks: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        checkpoint[CHECKPOINT_KEY] = {"world_size": len(ranks), "ranks": ranks}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            rank_zero_warn("vit: the checkpoint has no RNG states; the resumed run draws other random numbers")
+            return
+        if saved["world_size"] != trainer.world_size:
+            rank_zero_warn(
+                f"vit: the checkpoint holds the RNG states of {saved['world_size']} processes, this run has "
+                f"{trainer.world_size}; the resumed run draws other random numbers"
+            )
+            return
+        set_rng_state(saved["ranks"][trainer.global_rank], trainer.strategy.root_device)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, but a local checkpoint is written to a temporary file in its own folder, synced,
+    and renamed over the old one: a kill at any moment leaves the previous file or the new one, never a part.
+    (Lightning writes into `tempfile.mkstemp()` and `shutil.move`s it: a copy, not a rename, whenever the
+    system temp folder is on another file system than the run, as /tmp often is on clusters.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temp, "xb") as f:  # "x": never someone else's file; the umask sets the mode, as for open()
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        _fsync_folder(path.parent)  # the rename itself survives a power cut
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or file system can open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -265,3 +265,16 @@ def test_in_memory_with_randaugment_says_it_is_not_applied(tmp_path):
     write_image_folder(tmp_path / "train", per_class=2)
     with pytest.warns(UserWarning, match="auto_augment='rand-m9-mstd0.5-inc1' is not applied"):
         ImageFolderDataModule(tmp_path / "train", in_memory=True)
+
+
+def test_batch_augmentation_rotates_by_up_to_degrees_and_is_exact_without_changes():
+    from vit.datasets import batch_random_resized_crop
+
+    bar = torch.zeros(64, 1, 16, 16)
+    bar[:, :, :, 7:9] = 1.0  # a vertical bar through the centre
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(batch_random_resized_crop(bar, **whole), bar, atol=1e-6)  # the whole image, unturned
+    turned = batch_random_resized_crop(bar, **whole, degrees=90)
+    on_bar = turned[:, 0, :, 7:9].mean(dim=(1, 2))
+    assert (on_bar < 0.9).float().mean() > 0.8  # most images turned away from the column
+    assert torch.allclose(turned.mean(dim=(1, 2, 3)), bar.mean(dim=(1, 2, 3)), atol=0.06)  # the bar is kept, turned

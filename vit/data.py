@@ -78,6 +78,7 @@ class VisionDataModule(L.LightningDataModule):
         in_memory: decode and preprocess every image once and keep the splits as tensors; training batches are
             then augmented whole on the device (random resized crop, flip, random erasing; no RandAugment), so
             loading is never the bottleneck. For sets that fit in memory (CIFAR-size images).
+        degrees: random rotation of up to this many degrees either way, in the in-memory batch augmentation.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class VisionDataModule(L.LightningDataModule):
         scale: tuple[float, float] = (0.08, 1.0),
         color_jitter: float | None = None,
         in_memory: bool = False,
+        degrees: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -197,7 +199,7 @@ class VisionDataModule(L.LightningDataModule):
     def batch_augment(self, x: torch.Tensor) -> torch.Tensor:
         """Training augmentation of a whole batch (B, C, H, W): random resized crop, flip, random erasing."""
         h = self.hparams
-        x = batch_random_resized_crop(x, tuple(h.scale))
+        x = batch_random_resized_crop(x, tuple(h.scale), degrees=h.degrees)
         if h.hflip > 0:
             flip = torch.rand(len(x), device=x.device) < h.hflip
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -232,6 +234,7 @@ class DigitsDataModule(VisionDataModule):
         re_prob: float = 0.0,
         hflip: float = 0.0,
         scale: tuple[float, float] = (0.7, 1.0),
+        degrees: float = 0.0,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -245,6 +248,7 @@ class DigitsDataModule(VisionDataModule):
             hflip=hflip,
             scale=scale,
             in_memory=True,
+            degrees=degrees,
         )
         self.class_names = [str(d) for d in range(10)]
 
@@ -282,6 +286,7 @@ class ImageFolderDataModule(VisionDataModule):
         scale: tuple[float, float] = (0.08, 1.0),
         color_jitter: float | None = None,
         in_memory: bool = False,
+        degrees: float = 0.0,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -295,6 +300,7 @@ class ImageFolderDataModule(VisionDataModule):
             scale=scale,
             color_jitter=color_jitter,
             in_memory=in_memory,
+            degrees=degrees,
         )
         self.train_dir = Path(train_dir)
         self.class_names = class_folders(self.train_dir)
@@ -356,6 +362,7 @@ class CIFAR10DataModule(VisionDataModule):
         scale: tuple[float, float] = (0.35, 1.0),
         color_jitter: float | None = None,
         in_memory: bool = False,
+        degrees: float = 0.0,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -370,6 +377,7 @@ class CIFAR10DataModule(VisionDataModule):
             scale=scale,
             color_jitter=color_jitter,
             in_memory=in_memory,
+            degrees=degrees,
         )
         import torchvision.datasets
 

@@ -113,10 +113,11 @@ def collate_skipping(items: list[Any]) -> tuple:
 
 
 def batch_random_resized_crop(
-    x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3), degrees: float = 0.0
 ) -> torch.Tensor:
     """timm's random resized crop for a whole batch (B, C, H, W) at once: each image gets its own crop (area
-    fraction in `scale`, aspect ratio in `ratio`), resampled bilinearly to the same size."""
+    fraction in `scale`, aspect ratio in `ratio`), turned by up to `degrees` either way, resampled bilinearly to
+    the same size."""
     b = len(x)
     area = torch.empty(b, device=x.device).uniform_(*scale)
     log_ratio = torch.empty(b, device=x.device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
@@ -124,9 +125,11 @@ def batch_random_resized_crop(
     h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
     cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
     cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - h)
-    zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    angle = torch.empty(b, device=x.device).uniform_(-degrees, degrees).deg2rad() if degrees else torch.zeros(b)
+    cos, sin = angle.cos().to(x.device), angle.sin().to(x.device)
+    # output (u, v) -> input: rotation @ diag(w, h) @ (u, v) + centre
+    theta = torch.stack([torch.stack([cos * w, -sin * h, cx], 1), torch.stack([sin * w, cos * h, cy], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # (B, 2, 3) -> sampling grid
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

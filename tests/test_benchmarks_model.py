@@ -1,4 +1,5 @@
-"""The model benchmarks (speed, FLOP share, memory) still run end to end in their --quick mode. The figures they
+"""The benchmarks (speed, FLOP share, memory, training-loop overhead, data pipeline) still run end to end in their
+--quick mode. The figures they
 print are measurements, not specifications: only the shape of the report is checked."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("speed", "flops", "memory")
+SCRIPTS = ("speed", "flops", "memory", "loop_overhead", "data_pipeline")
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
@@ -58,3 +59,27 @@ def test_memory_script_reports_peaks_with_and_without_checkpointing(reports):
     out = lines(reports["memory"])
     for state in ("off", "on "):
         assert any(line.startswith(f"checkpointing {state}") and "ours/timm peak" in line for line in out)
+
+
+def test_loop_overhead_script_compares_vit_fit_with_a_plain_loop_on_both_settings(reports):
+    out = lines(reports["loop_overhead"])
+    for setting in ("digits", "imagefolder"):
+        for clock in ("wall", "cpu"):
+            assert any(
+                re.match(
+                    rf"{setting} +{clock} +plain +{NUMBER} img/s +vit fit +{NUMBER} img/s +vit fit/plain {NUMBER}", line
+                )
+                for line in out
+            ), out
+
+
+def test_data_pipeline_script_reports_loader_against_model_rates_for_both_data_modules(reports):
+    out = lines(reports["data_pipeline"])
+    assert any(line.startswith("imagefolder") and "worker(s)" in line for line in out), out
+    assert any(line.startswith("digits") and "in memory" in line for line in out), out
+    rates = [
+        line
+        for line in out
+        if re.search(rf"loader +{NUMBER} img/s +model +{NUMBER} img/s +loader/model {NUMBER}", line)
+    ]
+    assert len(rates) == 2, out

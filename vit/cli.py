@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -278,7 +279,9 @@ def _lightning_cli_class() -> type:
             if config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks
             ):
-                callbacks.append(RichProgressBar())
+                # Lightning's default redraws from a thread woken 100 times a second, which takes the GIL (and
+                # a core's share) from the training loop; 10 redraws a second look as smooth
+                callbacks.append(RichProgressBar(refresh_rate=10))
             trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
             # The monitored checkpoint must come first: it is `trainer.checkpoint_callback`, and `--ckpt_path best`
             trainer.callbacks.remove(self.last_checkpoint)
@@ -301,6 +304,10 @@ def _lightning_cli_class() -> type:
             threads = config.get("torch_threads")
             if threads:
                 torch.set_num_threads(threads)
+            # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork safety with GPUs); without a GPU it only
+            # makes torch.cuda.is_available(), which AdamW calls every step, load NVML anew each time (ms under load).
+            if not torch.cuda.is_available():
+                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
         def after_fit(self) -> None:
             self._report(fitted=True)

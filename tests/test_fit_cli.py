@@ -59,6 +59,14 @@ def test_last_checkpoint_is_the_final_model_even_when_the_best_is_older():
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 9
 
 
+def test_a_later_epoch_that_ties_the_best_score_becomes_best_ckpt():
+    # with lr 0 the weights never change, so every epoch ties on val/acc; Lightning alone would keep epoch 0
+    frozen = ["--model.lr", "0", "--trainer.max_epochs", "3"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *frozen]) == 0
+    folder = Path("runs/digits/version_0/checkpoints")
+    assert torch.load(folder / "best.ckpt", weights_only=True)["global_step"] == 9
+
+
 def test_validate_and_test_restore_the_model_from_the_checkpoint_alone(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
     best = "runs/digits/version_0/checkpoints/best.ckpt"

@@ -220,7 +220,7 @@ def _lightning_cli_class() -> type:
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
-    from vit.resume import AtomicCheckpointIO, RNGStateCheckpoint
+    from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint
     from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
@@ -250,7 +250,7 @@ def _lightning_cli_class() -> type:
                 help="CPU threads for torch (torch.set_num_threads); tiny models train fastest with 1, above all "
                 "on a busy machine. Default: torch's choice.",
             )
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
             parser.set_defaults(
                 {
                     "checkpoint.monitor": "val/acc",
@@ -301,6 +301,10 @@ def _lightning_cli_class() -> type:
             # Lightning's torch.load unpickles anything when asked to (or under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
             if "weights_only" in config:
                 config["weights_only"] = True
+            # Denormal floats (below 1e-38) appear as a model trains and make CPU arithmetic on them many times
+            # slower (measured: 305 vs 446 images/s for a trained CIFAR ViT on one thread). Flushing them to zero
+            # changes nothing a float32 model can tell; the threads torch starts later inherit the setting.
+            torch.set_flush_denormal(True)
             threads = config.get("torch_threads")
             if threads:
                 torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -122,3 +122,20 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a later epoch that ties the best score replaces it.
+
+    On a small validation split, accuracy moves in coarse steps and plateaus early; Lightning keeps the first
+    epoch that reached the plateau, while the later ones, trained longer on a decaying learning rate, generalise
+    at least as well. `vit fit` writes best.ckpt through this class.
+    """
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if super().check_monitor_top_k(trainer, current):
+            return True
+        if current is None or self.save_top_k != 1 or not self.best_k_models:
+            return False
+        tie = bool(torch.eq(current, self.best_k_models[self.kth_best_model_path]))
+        return trainer.strategy.reduce_boolean_decision(tie)

@@ -216,10 +216,8 @@ class Setting:
         self.num_classes = cli.model.model.num_classes
         self.datamodule = cli.datamodule
         if self.datamodule.in_memory:  # the tensors the data module holds, indexed directly
-            cached = self.datamodule.datasets["train"].cached
-            self.x = torch.stack([item[0] for item in cached])
-            self.y = torch.tensor([item[1] for item in cached])
-        else:  # the data module's own loader (same workers and transforms); its workers persist across epochs
+            self.x, self.y = self.datamodule.datasets["train"].cached  # (N, C, H, W), (N,)
+        else:  # the data module's own loader (same workers and transforms)
             self.loader = self.datamodule.train_dataloader()
 
     def batches_of_epoch(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,7 +4,8 @@ Lightning's `max_time` stops a run wherever it is, with the learning rate still 
 measures how long an epoch takes (training plus validation), sets `max_epochs` to what still fits before the
 deadline, and ends the warmup + cosine schedule (`vit.module.WarmupCosine`) at that epoch, so the weights at the
 deadline are annealed. It re-estimates after every epoch (the first one pays for compilation and warm-up) and
-stops mid-epoch only when an epoch overruns the deadline.
+stops mid-epoch only when an epoch overruns the deadline. It needs a few epochs to work with: when the first
+epoch already leaves no room for a second, the run ends after it with the learning rate still high.
 """
 
 from __future__ import annotations

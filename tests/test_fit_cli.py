@@ -132,6 +132,15 @@ def test_cifar10_config_trains_on_a_local_copy_with_mixup(tmp_path):
     assert checkpoint.class_names == CIFAR10_NAMES and checkpoint.model_config["depth"] == 1
 
 
+def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget(tmp_path):
+    write_image_folder(tmp_path / "train", classes=CIFAR10_NAMES, per_class=4, size=32)
+    args = ["--data.train_dir", str(tmp_path / "train"), "--data.batch_size", "8", *QUICK]
+    assert main(["fit", "--config", str(CONFIGS / "cifar10_cpu.yaml"), *args]) == 0
+    model, checkpoint = vit.load_model("runs/cifar10_cpu/version_0/checkpoints/last.ckpt")
+    assert model.cfg.conv_stem == (32, 64, 128) and model.cfg.patch_size == 8
+    assert checkpoint.class_names == sorted(CIFAR10_NAMES)
+
+
 def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.no_such_option", "1"]) == 2
     assert "no_such_option" in capsys.readouterr().err

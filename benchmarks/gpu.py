@@ -31,10 +31,15 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
 QUICK = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)  # --quick: seconds
 
 
+def pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, timm's) on the same weights: a shared variant, or 'quick', the tiny config of --quick."""
+    return model_pair(**QUICK) if name == "quick" else model_pair(name)
+
+
 def smoke(device: torch.device, quick: bool) -> None:
     """bf16 logits against timm, each SDPA kernel on our attention, and a few bf16 training steps that learn."""
     dtype = torch.bfloat16
-    ours, theirs = (m.to(device).eval() for m in (model_pair(**QUICK) if quick else model_pair("vit_tiny_patch16_224")))
+    ours, theirs = (m.to(device).eval() for m in pair("quick" if quick else "vit_tiny_patch16_224"))
     x = torch.randn(8, 3, *ours.cfg.img_hw, device=device)
     with torch.inference_mode():
         exact = (ours(x) - theirs(x)).abs().max().item()
@@ -68,7 +73,7 @@ def smoke(device: torch.device, quick: bool) -> None:
 
 def throughput(name: str, device: torch.device, batch: int, rounds: int, compile_models: bool) -> None:
     """Images/s of ours and timm's in bf16 autocast, inference and training step, interleaved."""
-    ours, theirs = (m.to(device) for m in (model_pair(**QUICK) if name == "quick" else model_pair(name)))
+    ours, theirs = (m.to(device) for m in pair(name))
     if compile_models:
         for m in (ours, theirs):
             m.compile()

@@ -275,33 +275,9 @@ class ImageFolderDataModule(VisionDataModule):
         train_dir: str | Path,
         val_dir: str | Path | None = None,
         test_dir: str | Path | None = None,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        preprocessing: dict[str, Any] | None = None,
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
-        hflip: float = 0.5,
-        scale: tuple[float, float] = (0.08, 1.0),
-        color_jitter: float | None = None,
-        in_memory: bool = False,
-        degrees: float = 0.0,
+        **kwargs: Any,  # VisionDataModule's: batch size, workers, split, preprocessing, augmentation
     ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            preprocessing=preprocessing,
-            auto_augment=auto_augment,
-            re_prob=re_prob,
-            hflip=hflip,
-            scale=scale,
-            color_jitter=color_jitter,
-            in_memory=in_memory,
-            degrees=degrees,
-        )
+        super().__init__(**kwargs)
         self.train_dir = Path(train_dir)
         self.class_names = class_folders(self.train_dir)
         if not self.class_names:
@@ -351,34 +327,12 @@ class CIFAR10DataModule(VisionDataModule):
         self,
         data_dir: str | Path = "data",
         download: bool = True,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
         preprocessing: dict[str, Any] | None = None,
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
-        hflip: float = 0.5,
         scale: tuple[float, float] = (0.35, 1.0),
-        color_jitter: float | None = None,
-        in_memory: bool = False,
-        degrees: float = 0.0,
+        **kwargs: Any,  # VisionDataModule's: batch size, workers, split, augmentation
     ):
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            # CIFAR images are the whole object at the model's size: no centre crop at evaluation.
-            preprocessing={"crop_pct": 1.0, **(preprocessing or {})},
-            auto_augment=auto_augment,
-            re_prob=re_prob,
-            hflip=hflip,
-            scale=scale,
-            color_jitter=color_jitter,
-            in_memory=in_memory,
-            degrees=degrees,
-        )
+        # CIFAR images are the whole object at the model's size: no centre crop at evaluation.
+        super().__init__(preprocessing={"crop_pct": 1.0, **(preprocessing or {})}, scale=scale, **kwargs)
         import torchvision.datasets
 
         self.spec = getattr(torchvision.datasets, self.dataset_name)  # URLs, checksums, file names

@@ -125,8 +125,9 @@ def batch_random_resized_crop(
     h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
     cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] coordinates
     cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - h)
-    angle = torch.empty(b, device=x.device).uniform_(-degrees, degrees).deg2rad() if degrees else torch.zeros(b)
-    cos, sin = angle.cos().to(x.device), angle.sin().to(x.device)
+    # no draw at all without rotation, so that runs without it keep their random stream
+    angle = torch.empty(b, device=x.device).uniform_(-degrees, degrees).deg2rad() if degrees else torch.zeros_like(w)
+    cos, sin = angle.cos(), angle.sin()
     # output (u, v) -> input: rotation @ diag(w, h) @ (u, v) + centre
     theta = torch.stack([torch.stack([cos * w, -sin * h, cx], 1), torch.stack([sin * w, cos * h, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)  # (B, 2, 3) -> sampling grid

@@ -28,27 +28,23 @@ from vit.weights import read_checkpoint, transfer_weights
 TRAINABLE_WHEN_FROZEN = ("head.", "fc_norm.")  # a frozen backbone still trains the classifier
 
 
-def warmup_cosine(step: int, warmup: int, total: float, floor: float) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not math.isfinite(total):  # no known end (time-limited run): hold the peak
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @dataclass
 class WarmupCosine:
-    """`warmup_cosine` as a LambdaLR function whose fields live in the scheduler's state dict, so that a schedule
-    that `vit.budget.TimeBudget` shortened resumes shortened."""
+    """LR multiplier for LambdaLR: linear warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`.
+    An object rather than a closure, so that its fields live in the scheduler's state dict and a schedule that
+    `vit.budget.TimeBudget` shortened resumes shortened."""
 
     warmup: int
     total: float
     floor: float
 
     def __call__(self, step: int) -> float:
-        return warmup_cosine(step, self.warmup, self.total, self.floor)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not math.isfinite(self.total):  # no known end (time-limited run): hold the peak
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ViTClassifier(L.LightningModule):

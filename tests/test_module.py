@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 
@@ -180,3 +181,27 @@ def test_compiled_model_trains_and_keeps_its_state_dict_keys(tmp_path):
     fit(model, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     assert counter.frame_count >= 1  # the model's forward went through torch.compile
     assert list(model.state_dict()) == keys == list(plain.state_dict())
+
+
+def test_the_logs_hold_each_written_steps_own_loss_and_learning_rate(tmp_path):
+    # training_step logs only on the steps Lightning writes (every log_every_n_steps): every written row must
+    # still carry that very step's loss and learning rate, not a stale one from an earlier step
+    class Record(Callback):
+        def __init__(self):
+            self.seen: dict[int, tuple[float, float]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lr = trainer.optimizers[0].param_groups[-1]["lr"]  # the LR that training_step sees
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen[trainer.global_step - 1] = (float(outputs["loss"]), self.lr)
+
+    record = Record()
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    fit(tiny(), digits(batch_size=64), logger=logger, log_every_n_steps=3, limit_train_batches=10, callbacks=[record])
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    assert [int(row["step"]) for row in rows] == [2, 5, 8]
+    for row in rows:
+        loss, lr = record.seen[int(row["step"])]
+        assert float(row["train/loss"]) == pytest.approx(loss) and float(row["train/lr"]) == pytest.approx(lr)

@@ -213,13 +213,14 @@ def _lightning_main(argv: list[str]) -> int:
 @functools.cache
 def _lightning_cli_class() -> type:
     """`ViTLightningCLI`, defined on first use so that the light subcommands do not import Lightning (seconds)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
+    from vit.progress import RateLimitedRichProgressBar
     from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint
     from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, check_checkpoint
 
@@ -280,8 +281,8 @@ def _lightning_cli_class() -> type:
                 isinstance(c, ProgressBar) for c in callbacks
             ):
                 # Lightning's default redraws from a thread woken 100 times a second, which takes the GIL (and
-                # a core's share) from the training loop; 10 redraws a second look as smooth
-                callbacks.append(RichProgressBar(refresh_rate=10))
+                # a core's share) from the training loop, and updates after every batch; 10 a second look as smooth
+                callbacks.append(RateLimitedRichProgressBar(refresh_rate=10))
             trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
             # The monitored checkpoint must come first: it is `trainer.checkpoint_callback`, and `--ckpt_path best`
             trainer.callbacks.remove(self.last_checkpoint)

@@ -12,9 +12,11 @@ augmentation as a user's run; only validation is off (`--trainer.limit_val_batch
 does none. "plain" is the loop a user would write: the same model built by `vit.create_model`, AdamW (fused,
 as `vit fit` builds it), the same loss, batch size, threads and number of steps, fed the same data: the digits
 tensors indexed directly (no augmentation), or the data module's own train loader (same workers and
-transforms) for the ImageFolder. The first epoch of every run is warm-up; the clock runs from the start of
-the second epoch to the end of training (Lightning's last checkpoint included). Runs alternate
-(plain, lightning, lightning, plain, ...), and the ratio is the median of per-round ratios.
+transforms) for the ImageFolder. "Lightning alone" runs the plain loop's model, optimizer, loss and batches
+as a minimal LightningModule under a Trainer without logger, checkpoints, progress bar or callbacks: what
+Lightning itself costs, the floor for `vit fit`. The first epoch of every run is warm-up; the clock runs from
+the start of the second epoch to the end of training (Lightning's last checkpoint included). Each round runs
+every side once, in rotating order, and each ratio is the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -97,10 +99,9 @@ class _Clock:
     images = 0
 
 
-def _timed_cli_class() -> type:
+def _clock_callback() -> Any:
+    """A callback that fills `_Clock` (reset) from the start of epoch 1 to the end of training."""
     from lightning.pytorch.callbacks import Callback
-
-    from vit.cli import _lightning_cli_class
 
     class ClockCallback(Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -114,12 +115,25 @@ def _timed_cli_class() -> type:
         def on_train_end(self, trainer, pl_module) -> None:
             _Clock.end, _Clock.cpu_end = time.perf_counter(), time.process_time()
 
+    _Clock.start = _Clock.end = _Clock.cpu_start = _Clock.cpu_end = 0.0
+    _Clock.images = 0
+    return ClockCallback()
+
+
+def _clock_rates() -> tuple[float, float]:
+    """Images per wall second and per CPU second that the clock saw."""
+    return _Clock.images / (_Clock.end - _Clock.start), _Clock.images / (_Clock.cpu_end - _Clock.cpu_start)
+
+
+def _timed_cli_class() -> type:
+    from vit.cli import _lightning_cli_class
+
     class TimedCLI(_lightning_cli_class()):
         """`vit fit`'s CLI plus the clock, which runs after every other callback."""
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             trainer = super().instantiate_trainer(**kwargs)
-            trainer.callbacks.append(ClockCallback())
+            trainer.callbacks.append(_clock_callback())
             return trainer
 
     return TimedCLI
@@ -151,8 +165,6 @@ def _as_on_a_terminal() -> Iterable[None]:
 def lightning_run(setting: Setting, epochs: int, work: Path) -> tuple[tuple[float, float], Any]:
     """`vit fit` for `epochs` epochs; ((images per wall second, per CPU second) after the first epoch, the CLI)."""
     torch.set_num_threads(setting.threads)
-    _Clock.start = _Clock.end = _Clock.cpu_start = _Clock.cpu_end = 0.0
-    _Clock.images = 0
     argv = ["fit", "--config", str(ROOT / "configs" / f"{setting.name}.yaml"), *setting.cli_args]
     argv += ["--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0"]
     argv += ["--trainer.num_sanity_val_steps", "0", "--trainer.logger.init_args.save_dir", str(work)]
@@ -162,8 +174,7 @@ def lightning_run(setting: Setting, epochs: int, work: Path) -> tuple[tuple[floa
         cli = setting.cli_class(args=argv)
     if cli.trainer.current_epoch != epochs:
         raise SystemExit(f"vit fit stopped at epoch {cli.trainer.current_epoch} of {epochs}")
-    n = _Clock.images
-    return (n / (_Clock.end - _Clock.start), n / (_Clock.cpu_end - _Clock.cpu_start)), cli
+    return _clock_rates(), cli
 
 
 # ---------------------------------------------------------------------------------------------------- plain
@@ -200,6 +211,46 @@ def _plain_run(setting: Setting, epochs: int) -> tuple[float, float]:
     return images / (time.perf_counter() - start), images / (time.process_time() - cpu_start)
 
 
+# ------------------------------------------------------------------------------------------ Lightning alone
+def bare_run(setting: Setting, epochs: int) -> tuple[float, float]:
+    """The plain loop's training as a minimal LightningModule under a bare Trainer; images per wall second and per
+    CPU second after the first epoch."""
+    import lightning as L
+
+    class PlainModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = config_model(setting.config, setting.num_classes)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            ls = setting.config["model"]["label_smoothing"]
+            return F.cross_entropy(self.model(batch[0]), batch[1], label_smoothing=ls)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return plain_optimizer(self.model, setting.config)
+
+    class Epochs:  # the plain loop's batches, anew each epoch
+        def __iter__(self) -> Any:
+            return iter(setting.batches_of_epoch())
+
+        def __len__(self) -> int:
+            return setting.batches_per_epoch()
+
+    torch.set_num_threads(setting.threads)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_clock_callback()],
+    )
+    with _without_lightning_env(), _as_on_a_terminal():
+        trainer.fit(PlainModule(), train_dataloaders=Epochs())
+    return _clock_rates()
+
+
 class Setting:
     """A config, the CLI arguments that point it at its data, and the plain loop's view of the same data."""
 
@@ -220,13 +271,20 @@ class Setting:
         else:  # the data module's own loader (same workers and transforms)
             self.loader = self.datamodule.train_dataloader()
 
+    def batches_per_epoch(self) -> int:
+        """How many training batches `vit fit` takes per epoch (full batches, `limit_train_batches`)."""
+        limit = self.batches or float("inf")
+        if self.datamodule.in_memory:
+            return int(min(limit, len(self.x) // self.datamodule.hparams.batch_size))
+        return int(min(limit, len(self.loader)))
+
     def batches_of_epoch(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of training batches, as many as `vit fit` takes (full batches, `limit_train_batches`)."""
+        """One epoch of training batches, as many as `vit fit` takes."""
         limit = self.batches or float("inf")
         if self.datamodule.in_memory:
             b = self.datamodule.hparams.batch_size
             order = torch.randperm(len(self.x))
-            for i in range(int(min(limit, len(self.x) // b))):
+            for i in range(self.batches_per_epoch()):
                 idx = order[i * b : (i + 1) * b]
                 yield self.x[idx], self.y[idx]
         else:
@@ -236,42 +294,48 @@ class Setting:
                 yield batch[0], batch[1]
 
 
-def summary(name: str, what: str, plain: list[float], lightning: list[float]) -> str:
-    """One line: median images/s of each side and the per-round ratio vit fit/plain (median, quartiles, range)."""
-    ratios = [lt / p for p, lt in zip(plain, lightning)]
+def summary(name: str, what: str, plain: list[float], other: list[float], label: str) -> str:
+    """One line: median images/s of each side and the per-round ratio other/plain (median, quartiles, range)."""
+    ratios = [o / p for p, o in zip(plain, other)]
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return (
-        f"{name:11s} {what:4s} plain {statistics.median(plain):7.1f} img/s  vit fit {statistics.median(lightning):7.1f}"
-        f" img/s  vit fit/plain {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, "
+        f"{name:11s} {what:4s} plain {statistics.median(plain):7.1f} img/s  {label} {statistics.median(other):7.1f}"
+        f" img/s  {label}/plain {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, "
         f"range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} rounds)"
     )
 
 
 def compare(setting: Setting, rounds: int, epochs: int, work: Path, warmup: bool = True) -> list[str]:
-    """A warm-up run of `vit fit` (which also yields the data), then `rounds` rounds of both, alternating order;
-    without the warm-up, the first round's `vit fit` goes first and yields the data."""
+    """A warm-up run of `vit fit` (which also yields the data), then `rounds` rounds of all three sides in rotating
+    order; without the warm-up, the first round's `vit fit` goes first and yields the data."""
     if warmup:
         setting.adopt(lightning_run(setting, 2, work)[1])
-    plain, lightning = [], []
+    sides = ["plain", "bare", "vit fit"]
+    rates: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
     for r in range(rounds):
-        first_plain = r % 2 == 0 and setting.datamodule is not None
-        for side in ("plain", "lightning") if first_plain else ("lightning", "plain"):
+        order = sides[r % 3 :] + sides[: r % 3]
+        if setting.datamodule is None:  # the first `vit fit` yields the data the others are fed
+            order = ["vit fit", *(side for side in order if side != "vit fit")]
+        for side in order:
             if side == "plain":
-                plain.append(plain_run(setting, epochs))
+                rates[side].append(plain_run(setting, epochs))
+            elif side == "bare":
+                rates[side].append(bare_run(setting, epochs))
             else:
                 rate, cli = lightning_run(setting, epochs, work)
-                lightning.append(rate)
+                rates[side].append(rate)
                 if setting.datamodule is None:
                     setting.adopt(cli)
-        print(f"  round {r}: wall img/s plain {plain[-1][0]:.1f} vit fit {lightning[-1][0]:.1f}", flush=True)
+        print(f"  round {r}: wall img/s " + "  ".join(f"{side} {rates[side][-1][0]:.1f}" for side in sides), flush=True)
     return [
-        summary(setting.name, what, [p[i] for p in plain], [lt[i] for lt in lightning])
+        summary(setting.name, what, [p[i] for p in rates["plain"]], [o[i] for o in rates[side]], label)
+        for side, label in (("vit fit", "vit fit"), ("bare", "Lightning alone"))
         for i, what in enumerate(("wall", "cpu"))
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print vit fit/plain images/s for digits and for an ImageFolder of 32x32 JPEGs."""
+    """Print vit fit/plain and Lightning alone/plain images/s for digits and for an ImageFolder of 32x32 JPEGs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=["digits", "imagefolder"], default=["digits", "imagefolder"])
     parser.add_argument("--rounds", type=int, default=5, help="runs of each side per setting")

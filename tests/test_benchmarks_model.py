@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("speed", "flops", "memory", "loop_overhead", "data_pipeline")
@@ -49,10 +52,27 @@ def test_speed_script_reports_inference_and_training_ratios(reports):
 
 
 def test_flops_script_reports_a_share_of_the_mm_rate_for_both_models(reports):
-    out = [line for line in lines(reports["flops"]) if line.startswith("vit_")]
-    assert len(out) == 2  # ViT-Ti and ViT-S
-    for line in out:
-        assert re.search(rf"ours +{NUMBER} GFLOP/s = +{NUMBER}% of mm +timm +{NUMBER} GFLOP/s = +{NUMBER}% of mm", line)
+    out = "\n".join(lines(reports["flops"]))
+    for name in ("vit_tiny_patch16_224", "vit_small_patch16_224"):
+        shares = "".join(
+            rf"\n +{who} +{NUMBER} GFLOP/s = +{NUMBER}% of mm +\(without attention: +{NUMBER}%\)"
+            for who in ("ours", "timm")
+        )
+        assert re.search(
+            rf"{name}: {NUMBER} GFLOP/img \({NUMBER} without attention\), mm {NUMBER} GFLOP/s{shares}", out
+        )
+
+
+def test_flop_count_includes_cpu_attention_by_torchs_sdpa_formula(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from flops import forward_flops
+
+    model = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    x = torch.randn(3, 3, 32, 32)
+    tokens = 16 + 1  # a 4x4 grid and the class token
+    # per block: QK^T and attention @ V, each 2 FLOPs per multiply-add over (B, heads, N, N, head_dim)
+    attention = 2 * (2 * 3 * tokens * tokens * 32)
+    assert forward_flops(model, x) - forward_flops(model, x, attention=False) == 2 * attention
 
 
 def test_memory_script_reports_peaks_with_and_without_checkpointing(reports):
@@ -61,16 +81,13 @@ def test_memory_script_reports_peaks_with_and_without_checkpointing(reports):
         assert any(line.startswith(f"checkpointing {state}") and "ours/timm peak" in line for line in out)
 
 
-def test_loop_overhead_script_compares_vit_fit_with_a_plain_loop_on_both_settings(reports):
+def test_loop_overhead_script_compares_vit_fit_and_lightning_alone_with_a_plain_loop_on_both_settings(reports):
     out = lines(reports["loop_overhead"])
     for setting in ("digits", "imagefolder"):
         for clock in ("wall", "cpu"):
-            assert any(
-                re.match(
-                    rf"{setting} +{clock} +plain +{NUMBER} img/s +vit fit +{NUMBER} img/s +vit fit/plain {NUMBER}", line
-                )
-                for line in out
-            ), out
+            for side in ("vit fit", "Lightning alone"):
+                line = rf"{setting} +{clock} +plain +{NUMBER} img/s +{side} +{NUMBER} img/s +{side}/plain {NUMBER}"
+                assert any(re.match(line, line_out) for line_out in out), out
 
 
 def test_data_pipeline_script_reports_loader_against_model_rates_for_both_data_modules(reports):

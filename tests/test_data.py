@@ -11,6 +11,7 @@ import torch
 import torchvision
 from _images import CIFAR10_NAMES, write_broken_images, write_cifar10, write_image_folder
 from lightning.pytorch.callbacks import Callback
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -159,6 +160,18 @@ def test_unreadable_images_are_dropped_from_batches_and_reported(tmp_path):
             seen += len(batch[0])
             skipped |= {name for name, _ in batch[2]} if len(batch) == 3 else set()
     assert (seen, skipped) == (12, {str(p) for p in broken})  # every readable image, once (one batch per split)
+
+
+def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_dropping_the_image(tmp_path):
+    # timm's 'inc1' RandAugment (the default) keeps 0 bits at magnitude 10, which Pillow refuses with a ValueError:
+    # about 1 training image in 700 was dropped and counted as unreadable
+    write_image_folder(tmp_path / "train", per_class=2)
+    dm = ImageFolderDataModule(tmp_path / "train", num_workers=0, preprocessing=RAW_RGB_16)
+    dm.setup("fit")
+    rand_augment = next(step for step in dm.datasets["train"].transform.transforms if hasattr(step, "ops"))
+    op = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    assert np.asarray(op(Image.new("RGB", (16, 16), (200, 120, 40)))).max() == 0
 
 
 def test_unreadable_images_never_stop_training_and_get_one_counting_warning(tmp_path):

@@ -18,8 +18,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from sklearn.model_selection import train_test_split
-from timm.data import create_transform, resolve_data_config
+from timm.data import auto_augment, create_transform, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
@@ -58,6 +59,28 @@ def plain_data_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ data modules
+def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, except that keeping 0 bits gives the black image it stands for (as in TensorFlow's
+    RandAugment and older Pillow) rather than the ValueError that Pillow now raises."""
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def with_black_zero_bit_posterize(transform: Any) -> Any:
+    """`transform` with every timm posterize op in it (RandAugment, AutoAugment) running `posterize` above.
+
+    timm's increasing-severity RandAugment ('inc1', our default) keeps 0 bits whenever an op's noisy magnitude
+    reaches 10: about 1 image in 700, on which Pillow raised, and the loader would have counted it unreadable.
+    """
+    for step in getattr(transform, "transforms", []):
+        policy = [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]  # AutoAugment
+        for op in [*getattr(step, "ops", []), *policy]:  # RandAugment's ops
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
+
+
 class VisionDataModule(L.LightningDataModule):
     """What every data module shares: preprocessing from the model, augmentation, loaders, skip counting.
 
@@ -142,7 +165,7 @@ class VisionDataModule(L.LightningDataModule):
     def train_transform(self) -> Any:
         """timm's training pipeline: random resized crop, flip, RandAugment, normalise, random erasing."""
         c, h = self.data_config, self.hparams
-        return create_transform(
+        transform = create_transform(
             c["input_size"],
             is_training=True,
             scale=tuple(h.scale),
@@ -154,6 +177,7 @@ class VisionDataModule(L.LightningDataModule):
             mean=c["mean"],
             std=c["std"],
         )
+        return with_black_zero_bit_posterize(transform)
 
     def eval_transform(self) -> Any:
         """timm's evaluation pipeline: resize, centre crop (crop_pct), normalise; no randomness."""

@@ -16,18 +16,25 @@ BATCHES = 4  # per epoch
 
 
 class _Clock(Callback):
-    """A fake wall clock that moves `seconds` per training batch, so epoch times are exact."""
+    """A fake wall clock that moves `seconds` per training batch and `validation_s` per validation (one batch),
+    so epoch times are exact; it also counts the validations."""
 
-    def __init__(self, monkeypatch, seconds: float):
-        self.now, self.seconds = 0.0, seconds
+    def __init__(self, monkeypatch, seconds: float, validation_s: float = 0.0):
+        self.now, self.seconds, self.validation_s, self.validations = 0.0, seconds, validation_s, 0
         monkeypatch.setattr(vit.budget.time, "monotonic", lambda: self.now)
 
     def on_train_batch_start(self, *args) -> None:
         self.now += self.seconds
 
+    def on_validation_batch_start(self, *args) -> None:
+        self.now += self.validation_s
+        self.validations += 1
 
-def fit_with_budget(monkeypatch, minutes: float, seconds_per_batch: float, max_epochs: int = 50):
-    clock = _Clock(monkeypatch, seconds_per_batch)  # before the budget, which reads the clock when made
+
+def fit_with_budget(
+    monkeypatch, minutes: float, seconds_per_batch: float, max_epochs: int = 50, validation_s: float = 0.0
+):
+    clock = _Clock(monkeypatch, seconds_per_batch, validation_s)  # before the budget, which reads the clock when made
     budget = TimeBudget(minutes=minutes, reserve_s=0.0)
     model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=1, min_lr_ratio=0.0)
     trainer = L.Trainer(
@@ -43,16 +50,28 @@ def fit_with_budget(monkeypatch, minutes: float, seconds_per_batch: float, max_e
         callbacks=[clock, budget],
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    trainer.clock = clock
     return trainer
 
 
-def test_the_schedule_ends_at_the_last_epoch_that_fits_the_budget(monkeypatch):
-    # 1 s per batch, 4 batches per epoch, 0.5 minutes: 7 whole epochs fit, not the 50 asked for
-    trainer = fit_with_budget(monkeypatch, minutes=0.5, seconds_per_batch=1.0)
-    assert trainer.current_epoch == 7 and trainer.global_step == 7 * BATCHES
+def annealed_at(trainer: L.Trainer, step: int) -> None:
     for schedule in trainer.lr_scheduler_configs[0].scheduler.lr_lambdas:  # one per parameter group
-        assert isinstance(schedule, WarmupCosine) and schedule.total == 7 * BATCHES
-        assert schedule(trainer.global_step) == pytest.approx(0.0)  # annealed to the floor at the deadline
+        assert isinstance(schedule, WarmupCosine) and schedule.total == step
+        assert schedule(step) == pytest.approx(0.0)  # annealed to the floor at the deadline
+
+
+def test_the_schedule_ends_at_the_last_step_that_fits_the_budget(monkeypatch):
+    # 1 s per batch, 4 batches per epoch, 0.5 minutes: 7 whole epochs and 2 steps of an 8th fit, not 50 epochs
+    trainer = fit_with_budget(monkeypatch, minutes=0.5, seconds_per_batch=1.0)
+    assert trainer.global_step == 7 * BATCHES + 2 and trainer.clock.now == 30
+    annealed_at(trainer, 7 * BATCHES + 2)
+
+
+def test_the_plan_keeps_time_for_the_last_validation(monkeypatch):
+    # epochs of 4 s training + 2 s validation in 33 s: 5 whole epochs (30 s), then 1 step and its validation
+    trainer = fit_with_budget(monkeypatch, minutes=33 / 60, seconds_per_batch=1.0, validation_s=2.0)
+    assert trainer.global_step == 5 * BATCHES + 1 and trainer.clock.validations == 6 and trainer.clock.now == 33
+    annealed_at(trainer, 5 * BATCHES + 1)
 
 
 def test_a_budget_that_is_not_needed_changes_nothing(monkeypatch):

@@ -1,11 +1,12 @@
 """`TimeBudget`: a training run that fits a wall-clock budget by shortening its schedule, not by being cut off.
 
 Lightning's `max_time` stops a run wherever it is, with the learning rate still high. This callback instead
-measures how long an epoch takes (training plus validation), sets `max_epochs` to what still fits before the
-deadline, and ends the warmup + cosine schedule (`vit.module.WarmupCosine`) at that epoch, so the weights at the
-deadline are annealed. It re-estimates after every epoch (the first one pays for compilation and warm-up) and
-stops mid-epoch only when an epoch overruns the deadline. It needs a few epochs to work with: when the first
-epoch already leaves no room for a second, the run ends after it with the learning rate still high.
+measures how long a training step and a validation take, plans the whole epochs that still fit before the
+deadline plus as many steps of one more epoch as fit with its validation, and ends the warmup + cosine schedule
+(`vit.module.WarmupCosine`) at that step, so the weights at the deadline are annealed. It re-plans after every
+epoch (the first one pays for compilation and warm-up); the last epoch stops at the planned step and is then
+validated as usual. When an epoch overruns the deadline anyway, it stops there. It needs an epoch or two to
+measure: when the first epoch already leaves no room, the run ends after it with the learning rate still high.
 """
 
 from __future__ import annotations
@@ -32,33 +33,57 @@ class TimeBudget(Callback):
     def __init__(self, minutes: float, reserve_s: float = 5.0):
         self.minutes = minutes
         self.deadline = time.monotonic() + minutes * 60 - reserve_s
-        self.epoch_started = 0.0
+        self.epoch_started = self.validation_started = self.validation_s = 0.0
+        self.epoch_first_step = 0
         self.most_epochs: int | None = None
+        self.stop_at_step: int | None = None  # the planned end inside the last epoch
+        self.plan: tuple[int, int] | None = None  # (max_epochs, the schedule's last step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.most_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_started = time.monotonic()
+        self.epoch_started, self.epoch_first_step, self.validation_s = time.monotonic(), trainer.global_step, 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validation_started = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validation_s += time.monotonic() - self.validation_started
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.strategy.reduce_boolean_decision(time.monotonic() > self.deadline, all=False):
+        if self.stop_at_step is not None and trainer.global_step >= self.stop_at_step:
+            trainer.should_stop = True  # Lightning validates the partial epoch, then ends the run
+        elif trainer.strategy.reduce_boolean_decision(time.monotonic() > self.deadline, all=False):
             trainer.should_stop = True
             rank_zero_info(f"vit: the {self.minutes:g}-minute budget ran out mid-epoch; stopping")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.should_stop:
+            return
         now = time.monotonic()
         epoch_s, left_s = now - self.epoch_started, self.deadline - now
-        done = trainer.current_epoch + 1
-        fits = done + max(0, math.floor(left_s / max(epoch_s, 1e-9)))
-        fits = min(fits, self.most_epochs) if self.most_epochs else fits
-        fits = int(trainer.strategy.broadcast(fits, src=0))  # every rank must stop at the same epoch
-        if fits == trainer.max_epochs:
-            return
-        trainer.fit_loop.max_epochs = fits
+        steps = trainer.global_step - self.epoch_first_step
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        done = trainer.current_epoch + 1
+        whole = max(0, math.floor(left_s / max(epoch_s, 1e-9)))  # epochs, each with its validation
+        step_s = max(epoch_s - self.validation_s, 1e-9) / max(steps, 1)
+        extra = math.floor((left_s - whole * epoch_s - self.validation_s) / step_s)  # steps of one more epoch
+        extra = min(max(extra, 0), steps_per_epoch - 1)
+        if self.most_epochs and done + whole >= self.most_epochs:
+            whole, extra = self.most_epochs - done, 0
+        plan = [done + whole + (extra > 0), trainer.global_step + whole * steps_per_epoch + extra]
+        epochs, total_steps = (int(n) for n in trainer.strategy.broadcast(plan, src=0))  # one plan for all ranks
+        self.stop_at_step = total_steps if extra > 0 else None
+        trainer.fit_loop.max_epochs = epochs
         for config in trainer.lr_scheduler_configs:
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
                 if isinstance(schedule, WarmupCosine):
-                    schedule.total = float(fits * steps_per_epoch)
-        rank_zero_info(f"vit: {epoch_s:.1f} s per epoch; {fits} epochs fit the {self.minutes:g}-minute budget")
+                    schedule.total = float(total_steps)
+        if (epochs, total_steps) != self.plan:
+            self.plan = (epochs, total_steps)
+            rank_zero_info(
+                f"vit: {epoch_s:.1f} s per epoch ({self.validation_s:.1f} s of it validation); training ends at step "
+                f"{total_steps}, in epoch {epochs - 1}, to fit the {self.minutes:g}-minute budget"
+            )

@@ -210,7 +210,7 @@ class ViTClassifier(L.LightningModule):
             loss = F.cross_entropy(self.model(x), y, label_smoothing=self.hparams.label_smoothing)
         # Lightning writes training metrics every `log_every_n_steps` only, yet processes every `self.log` call
         # (~1.5 ms, 6% of a digits step): log on the steps it writes, so the logs hold the same values.
-        if self.trainer._logger_connector.should_update_logs:
+        if self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run:
             self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
             self.log("train/lr", self.optimizers().param_groups[-1]["lr"], batch_size=len(x))
         return loss

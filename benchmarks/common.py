@@ -59,6 +59,15 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
     return times
 
 
+def ratio_spread(ratios: list[float], digits: int = 3) -> str:
+    """Per-round ratios as 'median (quartiles q1-q3, range lo-hi, n rounds)'."""
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return (
+        f"{statistics.median(ratios):.{digits}f} (quartiles {q[0]:.{digits}f}-{q[2]:.{digits}f}, "
+        f"range {min(ratios):.{digits}f}-{max(ratios):.{digits}f}, {len(ratios)} rounds)"
+    )
+
+
 def speedup(times: dict[str, list[float]], ours: str, base: str) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratio base time / ours time (> 1: ours is faster)."""
     ratios = [b / o for o, b in zip(times[ours], times[base])]

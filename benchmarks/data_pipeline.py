@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import ratio_spread
 from loop_overhead import config_model, config_threads, plain_optimizer, random_image_folder, read_config, train_step
 
 from vit.data import DigitsDataModule, ImageFolderDataModule, VisionDataModule
@@ -87,12 +88,10 @@ def compare(name: str, data_dir: Path | None, label: str, rounds: int, batches: 
             else:
                 eat.append(model_rate(model, optimizer, x, y, batches))
     ratios = [f / e for f, e in zip(feed, eat)]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return (
         f"{name:11s} batch {b:3d}, {dm.num_workers} worker(s), {torch.get_num_threads()} thread(s), {label}\n"
         f"{'':11s} loader {statistics.median(feed):8.1f} img/s   model {statistics.median(eat):7.1f} img/s   "
-        f"loader/model {statistics.median(ratios):.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}, "
-        f"range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
+        f"loader/model {ratio_spread(ratios, digits=2)}"
     )
 
 

@@ -42,6 +42,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's `vit`, installed or not
+from common import ratio_spread  # noqa: E402
+
 import vit  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -297,11 +299,9 @@ class Setting:
 def summary(name: str, what: str, plain: list[float], other: list[float], label: str) -> str:
     """One line: median images/s of each side and the per-round ratio other/plain (median, quartiles, range)."""
     ratios = [o / p for p, o in zip(plain, other)]
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return (
         f"{name:11s} {what:4s} plain {statistics.median(plain):7.1f} img/s  {label} {statistics.median(other):7.1f}"
-        f" img/s  {label}/plain {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}, "
-        f"range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} rounds)"
+        f" img/s  {label}/plain {ratio_spread(ratios)}"
     )
 
 

@@ -12,17 +12,13 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import TINY_DIGITS
 
 from vit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config",
-    str(ROOT / "configs" / "digits.yaml"),
-    "--model.model_overrides",
-    json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}),
-    "--trainer.enable_progress_bar",
-    "false",
+    *TINY_DIGITS,
     "--trainer.limit_train_batches",
     "4",
     "--trainer.limit_val_batches",

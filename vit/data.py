@@ -59,7 +59,7 @@ def plain_data_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ data modules
-def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
     """timm's posterize op, except that keeping 0 bits gives the black image it stands for (as in TensorFlow's
     RandAugment and older Pillow) rather than the ValueError that Pillow now raises."""
     if bits_to_keep <= 0:
@@ -68,7 +68,7 @@ def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Ima
 
 
 def with_black_zero_bit_posterize(transform: Any) -> Any:
-    """`transform` with every timm posterize op in it (RandAugment, AutoAugment) running `posterize` above.
+    """`transform` with every timm posterize op in it (RandAugment, AutoAugment) running `_posterize` above.
 
     timm's increasing-severity RandAugment ('inc1', our default) keeps 0 bits whenever an op's noisy magnitude
     reaches 10: about 1 image in 700, on which Pillow raised, and the loader would have counted it unreadable.
@@ -77,7 +77,7 @@ def with_black_zero_bit_posterize(transform: Any) -> Any:
         policy = [op for sub_policy in getattr(step, "policy", []) for op in sub_policy]  # AutoAugment
         for op in [*getattr(step, "ops", []), *policy]:  # RandAugment's ops
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = posterize
+                op.aug_fn = _posterize
     return transform
 
 

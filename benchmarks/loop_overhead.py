@@ -10,13 +10,14 @@ configs/imagefolder.yaml on a folder of 32x32 JPEGs), so the same callbacks (las
 non-finite-loss guard, the Rich progress bar, drawn as on a terminal), CSV logging, LR schedule, EMA and
 augmentation as a user's run; only validation is off (`--trainer.limit_val_batches 0`), since the plain loop
 does none. "plain" is the loop a user would write: the same model built by `vit.create_model`, AdamW (fused,
-as `vit fit` builds it), the same loss, batch size, threads and number of steps, fed the same data: the digits
-tensors indexed directly (no augmentation), or the data module's own train loader (same workers and
-transforms) for the ImageFolder. "Lightning alone" runs the plain loop's model, optimizer, loss and batches
-as a minimal LightningModule under a Trainer without logger, checkpoints, progress bar or callbacks: what
-Lightning itself costs, the floor for `vit fit`. The first epoch of every run is warm-up; the clock runs from
-the start of the second epoch to the end of training (Lightning's last checkpoint included). Each round runs
-every side once, in rotating order, and each ratio is the median of per-round ratios.
+as `vit fit` builds it), the same loss, batch size, threads and number of steps, fed the same training batches:
+the digits tensors indexed directly and augmented by the data module's own `batch_augment` (as `vit fit`
+augments them), or the data module's own train loader (same workers and transforms) for the ImageFolder.
+"Lightning alone" runs the plain loop's model, optimizer, loss and batches as a minimal LightningModule under a
+Trainer without logger, checkpoints, progress bar or callbacks: what Lightning itself costs, the floor for
+`vit fit`. The first epoch of every run is warm-up; the clock runs from the start of the second epoch to the
+end of training (Lightning's last checkpoint included). Each round runs every side once, in rotating order, and
+each ratio is the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ class Setting:
             order = torch.randperm(len(self.x))
             for i in range(self.batches_per_epoch()):
                 idx = order[i * b : (i + 1) * b]
-                yield self.x[idx], self.y[idx]
+                yield self.datamodule.batch_augment(self.x[idx]), self.y[idx]  # `vit fit`'s whole-batch augmentation
         else:
             for i, batch in enumerate(self.loader):
                 if i >= limit:

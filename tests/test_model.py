@@ -272,6 +272,28 @@ def test_attention_hook_path_equals_sdpa_and_gives_timm_probabilities(tiny_pair,
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_cpu_autocast_trains_attention_in_float32_and_infers_in_bfloat16(monkeypatch, batch_for):
+    model = vit.create_model("vit_tiny_patch16_224", depth=2, img_size=32)
+    x = batch_for(model)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = model(x)
+        trained.float().sum().backward()
+        assert seen == [torch.float32] * 2 and trained.dtype == torch.bfloat16  # the rest stays in bfloat16
+        seen.clear()
+        with torch.no_grad():
+            inferred = model(x)
+    assert seen == [torch.bfloat16] * 2
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    torch.testing.assert_close(trained.detach().float(), inferred.float(), rtol=0, atol=0.05)  # bfloat16's spread
+
+
 def test_optimizer_helpers_follow_timm(tiny_pair):
     reference, ours = tiny_pair
     assert ours.no_weight_decay() >= set(reference.no_weight_decay()) - {"dist_token"}

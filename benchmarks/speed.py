@@ -6,6 +6,8 @@
 
 - infer: vit_small_patch16_224, batch 16, torch.inference_mode.
 - train: a 32-px ViT (patch 4, dim 192, depth 6), batch 128: forward, cross-entropy, backward, AdamW step.
+- train-bf16: the same under CPU bfloat16 autocast (`--trainer.precision bf16-mixed`); fast only on CPUs with
+  AMX or AVX-512 BF16.
 The ratio is the median of the per-round ratios timm time / our time (> 1: ours is faster), with quartiles.
 """
 
@@ -30,14 +32,17 @@ def inference_step(model: torch.nn.Module, x: torch.Tensor):
     return step
 
 
-def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """Forward, cross-entropy, backward and an AdamW step, with the optimizer's defaults."""
+def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False):
+    """Forward, cross-entropy, backward and an AdamW step, with the optimizer's defaults; the forward under CPU
+    bfloat16 autocast (Lightning's `bf16-mixed`) if `bf16`."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -55,7 +60,7 @@ def report(label: str, times: dict[str, list[float]], batch: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print img/s of ours and timm and the speed ratio for each benchmark chosen."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["infer", "train"], default=None)
+    parser.add_argument("--only", choices=["infer", "train", "train-bf16"], default=None)
     parser.add_argument("--model", default="vit_small_patch16_224", help="the inference model (a shared name)")
     parser.add_argument("--infer-batch", type=int, default=16)
     parser.add_argument("--train-batch", type=int, default=128)
@@ -82,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         x, y = torch.randn(args.train_batch, 3, 32, 32), torch.randint(0, 10, (args.train_batch,))
         steps = {"ours": training_step(ours, x, y), "timm": training_step(reference, x, y)}
         report(f"train 32px d192 b{args.train_batch}", interleaved(steps, args.rounds), args.train_batch)
+    if args.only in (None, "train-bf16"):
+        ours, reference = model_pair(**{**SMALL_32, **depth})
+        x, y = torch.randn(args.train_batch, 3, 32, 32), torch.randint(0, 10, (args.train_batch,))
+        steps = {"ours": training_step(ours, x, y, bf16=True), "timm": training_step(reference, x, y, bf16=True)}
+        report(f"train bf16-mixed b{args.train_batch}", interleaved(steps, args.rounds), args.train_batch)
     return 0
 
 

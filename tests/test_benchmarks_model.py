@@ -47,7 +47,8 @@ def lines(report: subprocess.CompletedProcess) -> list[str]:
 def test_speed_script_reports_inference_and_training_ratios(reports):
     out = lines(reports["speed"])
     assert any(re.match(rf"infer .* ours/timm {NUMBER} \(quartiles", line) for line in out)
-    assert any(re.match(rf"train .* ours/timm {NUMBER} \(quartiles", line) for line in out)
+    assert any(re.match(rf"train 32px .* ours/timm {NUMBER} \(quartiles", line) for line in out)
+    assert any(re.match(rf"train bf16-mixed .* ours/timm {NUMBER} \(quartiles", line) for line in out)
     assert any("largest logit difference" in line for line in out)
 
 

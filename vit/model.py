@@ -149,8 +149,8 @@ class PatchEmbed(nn.Module):
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """SDPA; on CPU under autocast, training runs it in float32: torch's bfloat16/float16 CPU kernel has a backward
-    several times slower than float32's (CIFAR steps of `configs/cifar10_cpu.yaml`: 730 vs 1236 images/s)."""
+    """SDPA; on CPU, bfloat16/float16 inputs (autocast, bf16-mixed) run it in float32 while gradients are on: torch's
+    reduced-precision CPU kernel has a backward several times slower (`cifar10_cpu.yaml` steps: 730 vs 1236 img/s)."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs straight back
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p).to(q.dtype)

@@ -82,16 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         times = interleaved({"ours": inference_step(ours, x), "timm": inference_step(reference, x)}, args.rounds)
         report(f"infer {args.model} b{args.infer_batch}", times, args.infer_batch)
         print(f"{'':<34} largest logit difference {gap:.1e}")
-    if args.only in (None, "train"):
-        ours, reference = model_pair(**{**SMALL_32, **depth})
-        x, y = torch.randn(args.train_batch, 3, 32, 32), torch.randint(0, 10, (args.train_batch,))
-        steps = {"ours": training_step(ours, x, y), "timm": training_step(reference, x, y)}
-        report(f"train 32px d192 b{args.train_batch}", interleaved(steps, args.rounds), args.train_batch)
-    if args.only in (None, "train-bf16"):
-        ours, reference = model_pair(**{**SMALL_32, **depth})
-        x, y = torch.randn(args.train_batch, 3, 32, 32), torch.randint(0, 10, (args.train_batch,))
-        steps = {"ours": training_step(ours, x, y, bf16=True), "timm": training_step(reference, x, y, bf16=True)}
-        report(f"train bf16-mixed b{args.train_batch}", interleaved(steps, args.rounds), args.train_batch)
+    for only, label, bf16 in (("train", "train 32px d192", False), ("train-bf16", "train bf16-mixed", True)):
+        if args.only in (None, only):
+            ours, reference = model_pair(**{**SMALL_32, **depth})
+            x, y = torch.randn(args.train_batch, 3, 32, 32), torch.randint(0, 10, (args.train_batch,))
+            steps = {"ours": training_step(ours, x, y, bf16), "timm": training_step(reference, x, y, bf16)}
+            report(f"{label} b{args.train_batch}", interleaved(steps, args.rounds), args.train_batch)
     return 0
 
 

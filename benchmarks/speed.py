@@ -7,7 +7,7 @@
 - infer: vit_small_patch16_224, batch 16, torch.inference_mode.
 - train: a 32-px ViT (patch 4, dim 192, depth 6), batch 128: forward, cross-entropy, backward, AdamW step.
 - train-bf16: the same under CPU bfloat16 autocast (`--trainer.precision bf16-mixed`); fast only on CPUs with
-  AMX or AVX-512 BF16.
+  AMX (run it with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 or AVX2 to see a CPU without).
 The ratio is the median of the per-round ratios timm time / our time (> 1: ours is faster), with quartiles.
 """
 

@@ -4,6 +4,10 @@ without spoiling the checkpoints, and two runs with the same seed agree exactly.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,3 +210,51 @@ def test_two_runs_with_the_same_seed_give_identical_metrics_and_weights(tmp_path
     assert metrics_c != metrics_a  # the seed does steer the run, so agreement above is no accident
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_the_speed_probe_finds_bfloat16_slow_where_onednn_cannot_run_it():
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (and so torch) act as on a CPU without bfloat16 support, whatever this
+    # machine has: torch then multiplies bfloat16 matrices with its scalar fallback (measured: 1/77 of float32)
+    code = (
+        "import torch; from vit.safety import matmul_speedup; "
+        "print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), matmul_speedup(torch.bfloat16))"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(CONFIGS.parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    supported, speedup = out.split()
+    if supported != "False":
+        pytest.skip("this torch build ignores ONEDNN_MAX_CPU_ISA (not x86, or no oneDNN)")
+    assert float(speedup) < 1
+
+
+@pytest.mark.parametrize(("precision", "speedup", "warns"), [("bf16-mixed", 0.2, True), ("bf16-mixed", 1.8, False)])
+def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_for(
+    tmp_path, monkeypatch, precision, speedup, warns
+):
+    import vit.safety
+
+    monkeypatch.chdir(tmp_path)
+    probed = []
+    monkeypatch.setattr(vit.safety, "matmul_speedup", lambda dtype: probed.append(dtype) or speedup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _fit("--trainer.max_steps", "1", "--trainer.precision", precision) == 0
+    ours = [str(w.message) for w in caught if str(w.message).startswith("vit: precision")]
+    assert probed == [torch.bfloat16]
+    assert ours == (
+        [
+            "vit: precision bf16-mixed is slow on this CPU: a bfloat16 matrix product ran 5.0 times slower "
+            "than a float32 one (half precision is fast only on CPUs with AMX); pass --trainer.precision "
+            "32-true"
+        ]
+        if warns
+        else []
+    )
+
+
+def test_fit_in_float32_never_probes_the_cpu(tmp_path, monkeypatch):
+    import vit.safety
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vit.safety, "matmul_speedup", lambda dtype: pytest.fail("probed in float32"))
+    assert _fit("--trainer.max_steps", "1") == 0

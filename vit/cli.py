@@ -222,7 +222,7 @@ def _lightning_cli_class() -> type:
     from vit.module import ViTClassifier
     from vit.progress import RateLimitedRichProgressBar
     from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint
-    from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, check_checkpoint
+    from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, WarnIfHalfPrecisionIsSlow, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
@@ -263,14 +263,16 @@ def _lightning_cli_class() -> type:
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             """Adds last.ckpt written at every epoch (ModelCheckpoint's own save_last follows the monitored
-            checkpoint, so it stops at the last improvement), the non-finite-loss guard, the RNG states in every
-            checkpoint (exact resume), checkpoints written atomically, and Lightning's Rich bar unless the config
-            has a progress bar of its own or turns bars off."""
+            checkpoint, so it stops at the last improvement), the non-finite-loss guard, a warning when this CPU
+            can only emulate the half precision asked for, the RNG states in every checkpoint (exact resume),
+            checkpoints written atomically, and Lightning's Rich bar unless the config has a progress bar of its
+            own or turns bars off."""
             config = self._get(self.config_init, "trainer", default={})
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
-            callbacks = [*callbacks, self.last_checkpoint, StopOnNonFiniteLoss(), EndAllRanksOnError()]
+            guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
+            callbacks = [*callbacks, self.last_checkpoint, *guards]
             if self.subcommand == "fit":
                 callbacks.append(RNGStateCheckpoint())
             plugins = config.get("plugins") or []

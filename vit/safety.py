@@ -1,18 +1,21 @@
 """Guards for long runs and untrusted files: checkpoints are checked with `torch.load(weights_only=True)`
-before Lightning opens them, a non-finite loss stops training before it reaches the weights, and a process that
-fails in a multi-process run ends the others instead of leaving them waiting."""
+before Lightning opens them, a non-finite loss stops training before it reaches the weights, a process that
+fails in a multi-process run ends the others instead of leaving them waiting, and a half precision that this CPU
+can only emulate is named before the run crawls."""
 
 from __future__ import annotations
 
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vit.weights import _torch_load
 
@@ -70,6 +73,47 @@ class EndAllRanksOnError(Callback):
             launcher.kill(signal.SIGKILL)  # they may be blocked inside a collective, where SIGTERM waits
             for proc in launcher.procs:
                 proc.wait()
+
+
+CPU_HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def matmul_speedup(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
+    """How many times as fast a `size`² matrix product runs on this CPU in `dtype` as in float32 (best of
+    `repeats`, after a warm-up). Measured here, with oneDNN capped by ONEDNN_MAX_CPU_ISA, for bfloat16: 1.8 with
+    AMX, 0.6 with AVX-512 BF16 only, 0.18 with AVX-512 only, 0.013 with AVX2 (a scalar fallback)."""
+    a = torch.randn(size, size)
+
+    def best(x: torch.Tensor) -> float:
+        x @ x  # oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a) / best(a.to(dtype))
+
+
+class WarnIfHalfPrecisionIsSlow(Callback):
+    """Warn once at setup when a CPU run asks for bf16-mixed, bf16-true or 16-true and this CPU computes a matrix
+    product in that type more slowly than in float32 (`matmul_speedup` < 1). Only AMX makes bfloat16 pay on a CPU:
+    `benchmarks/speed.py`'s training step ran 1.6x as fast as float32 with it, and 0.7x (AVX-512 BF16 only),
+    0.3x (AVX-512) and 0.04x (AVX2) without, so `configs/cifar10_cpu.yaml` would spend its time budget crawling."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dtype = CPU_HALF_PRECISIONS.get(str(trainer.precision))
+        if dtype is None or trainer.strategy.root_device.type != "cpu":
+            return
+        speedup = matmul_speedup(dtype)
+        if speedup < 1:
+            rank_zero_warn(
+                f"vit: precision {trainer.precision} is slow on this CPU: a {str(dtype).removeprefix('torch.')} matrix "
+                f"product ran {1 / speedup:.1f} times slower than a float32 one (half precision is fast only on "
+                f"CPUs with AMX); "
+                f"pass --trainer.precision 32-true"
+            )
 
 
 def _last(trainer: L.Trainer) -> str:

@@ -2,10 +2,11 @@
 eval transform, the model, in batches) on the same weights, in the same run.
 
     python benchmarks/predict.py                 # 1,000 JPEGs at 224 px
+    python benchmarks/predict.py --amp           # also Predictor(amp=True): bfloat16 autocast against float32
     python benchmarks/predict.py --quick --synthetic
 
 The JPEGs are CIFAR-10 images from shared/data/cifar10-train (the JPEG copy) upsampled to 224 px when that folder is
-there, otherwise synthetic ones. The model is vit_tiny_patch16_224 with random weights.
+there, otherwise synthetic ones. The model is vit_tiny_patch16_224 (or --model) with random weights.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each path, alternating; the best counts")
     parser.add_argument("--quick", action="store_true", help="a handful of images, one run: a smoke test")
     parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even if the CIFAR-10 copy is there")
+    parser.add_argument("--model", default=MODEL, help="a 224-px model name (random weights)")
+    parser.add_argument("--amp", action="store_true", help="also time Predictor(amp=True) (bfloat16 autocast)")
     args = parser.parse_args()
     if args.quick:
         args.images, args.batch_size, args.repeats = 8, 4, 1
@@ -82,29 +85,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images, source)
         torch.manual_seed(0)
-        checkpoint = vit.save_safetensors(vit.create_model(MODEL), Path(tmp) / f"{MODEL}.safetensors")
+        checkpoint = vit.save_safetensors(vit.create_model(args.model), Path(tmp) / f"{args.model}.safetensors")
         predictor = Predictor.from_checkpoint(checkpoint, batch_size=args.batch_size, num_workers=args.num_workers)
+        amp = None
+        if args.amp:
+            amp = Predictor.from_checkpoint(
+                checkpoint, batch_size=args.batch_size, num_workers=args.num_workers, amp=True
+            )
         model, _ = vit.load_model(checkpoint)
         model.eval()
         transform = create_transform(**predictor.data_config, is_training=False)
         with torch.inference_mode():  # first-call costs (allocator, kernels) for neither side to pay
             model(torch.zeros(args.batch_size, 3, SIZE, SIZE))
 
-        plain_s, predictor_s = [], []
+        plain_s, predictor_s, amp_s = [], [], []
         for _ in range(args.repeats):
             seconds, plain_top1 = timed(lambda: plain_loop(model, transform, paths, args.batch_size))
             plain_s.append(seconds)
             seconds, results = timed(lambda: predictor.predict(Path(tmp) / "images", topk=5, progress=False))
             predictor_s.append(seconds)
-        agree = sum(r["predictions"][0]["index"] == t for r, t in zip(results, plain_top1))
+            if amp:
+                seconds, amp_results = timed(lambda: amp.predict(Path(tmp) / "images", topk=5, progress=False))
+                amp_s.append(seconds)
+        top1 = [r["predictions"][0]["index"] for r in results]
+        agree = sum(a == b for a, b in zip(top1, plain_top1))
+        amp_agree = sum(r["predictions"][0]["index"] == t for r, t in zip(amp_results, top1)) if amp else 0
 
     n = len(paths)
-    print(f"{n} JPEGs at {SIZE} px ({'CIFAR-10 upsampled' if source else 'synthetic'}), {MODEL}, random weights")
+    print(f"{n} JPEGs at {SIZE} px ({'CIFAR-10 upsampled' if source else 'synthetic'}), {args.model}, random weights")
     print(f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"plain loop: {n / min(plain_s):8.1f} images/s")
     print(f"Predictor:  {n / min(predictor_s):8.1f} images/s")
     print(f"ratio Predictor / plain loop: {min(plain_s) / min(predictor_s):.2f} (target >= 1.0)")
     print(f"top-1 agreement: {agree}/{n}")
+    if args.amp:
+        print(
+            f"Predictor(amp=True): {n / min(amp_s):8.1f} images/s, {min(predictor_s) / min(amp_s):.2f} times float32's"
+        )
+        print(f"top-1 agreement with float32: {amp_agree}/{n}")
 
 
 if __name__ == "__main__":

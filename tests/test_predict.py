@@ -330,7 +330,74 @@ def test_models_with_no_match_is_a_usage_error(capsys):
 
 # ------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_runs_in_quick_mode():
-    command = [sys.executable, "benchmarks/predict.py", "--quick", "--synthetic"]  # tests never read shared data
+    command = [
+        sys.executable,
+        "benchmarks/predict.py",
+        "--quick",
+        "--synthetic",
+        "--amp",
+    ]  # tests never read shared data
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "ratio" in done.stdout and "images/s" in done.stdout
+    assert "ratio" in done.stdout and "images/s" in done.stdout and "Predictor(amp=True)" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ half precision
+def _probs(result: dict) -> dict[int, float]:
+    return {p["index"]: p["prob"] for p in result["predictions"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_amp_runs_the_model_in_half_precision_with_nearly_the_same_probabilities(dtype, tmp_path, monkeypatch):
+    import vit.precision
+
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 2.0)  # as on a CPU with AMX: no warning
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.roll(smooth_rgb(40, 60), 9 * i, axis=1)).save(paths[-1])
+    model = tiny_model()
+    seen = []
+    model.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    full = Predictor(model, class_names=CLASS_NAMES, num_workers=0).predict(paths, topk=len(CLASS_NAMES))
+    half = Predictor(model, class_names=CLASS_NAMES, num_workers=0, amp=True, amp_dtype=dtype)
+    halved = half.predict(paths, topk=len(CLASS_NAMES))
+    assert seen == [torch.float32, dtype]  # one batch each
+    for a, b in zip(full, halved):
+        p, q = _probs(a), _probs(b)
+        assert max(abs(p[i] - q[i]) for i in p) < 0.01
+    assert any(_probs(a) != _probs(b) for a, b in zip(full, halved))  # half precision did change something
+
+
+def test_amp_warns_where_this_cpu_multiplies_half_precision_slowly(monkeypatch):
+    import vit.precision
+
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 0.25)
+    with pytest.warns(UserWarning, match=r"amp makes prediction slower here: a bfloat16 matrix product ran 4\.0 "):
+        Predictor(tiny_model(), amp=True)
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: pytest.fail("probed without amp"))
+    Predictor(tiny_model())
+
+
+def test_amp_option_reaches_the_model(checkpoint, images, capsys, monkeypatch):
+    import vit.precision
+
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 2.0)
+    runs = {}
+    for name, extra in (("full", []), ("half", ["--amp", "--amp-dtype", "bfloat16"])):
+        assert main(["predict", *images, "-c", str(checkpoint), "--format", "json", "--topk", "5", *extra]) == 0
+        runs[name] = [_probs(r) for r in json.loads(capsys.readouterr().out)]
+    assert runs["full"] != runs["half"]
+    for p, q in zip(runs["full"], runs["half"]):
+        assert max(abs(p[i] - q[i]) for i in p.keys() & q.keys()) < 0.01
+
+
+def test_amp_warning_is_one_line_on_the_command_line(checkpoint, images, capsys, monkeypatch):
+    import vit.precision
+
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 0.25)
+    assert main(["predict", images[0], "-c", str(checkpoint), "--amp", "--format", "json"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "vit predict: warning: amp makes prediction slower here: a bfloat16 matrix product ran 4.0 times slower "
+        "than a float32 one on this CPU (half precision is fast only on CPUs with AMX); predict without it"
+    ]

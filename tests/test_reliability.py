@@ -216,7 +216,7 @@ def test_the_speed_probe_finds_bfloat16_slow_where_onednn_cannot_run_it():
     # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN (and so torch) act as on a CPU without bfloat16 support, whatever this
     # machine has: torch then multiplies bfloat16 matrices with its scalar fallback (measured: 1/77 of float32)
     code = (
-        "import torch; from vit.safety import matmul_speedup; "
+        "import torch; from vit.precision import matmul_speedup; "
         "print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), matmul_speedup(torch.bfloat16))"
     )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(CONFIGS.parent)}
@@ -231,11 +231,11 @@ def test_the_speed_probe_finds_bfloat16_slow_where_onednn_cannot_run_it():
 def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_for(
     tmp_path, monkeypatch, precision, speedup, warns
 ):
-    import vit.safety
+    import vit.precision
 
     monkeypatch.chdir(tmp_path)
     probed = []
-    monkeypatch.setattr(vit.safety, "matmul_speedup", lambda dtype: probed.append(dtype) or speedup)
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: probed.append(dtype) or speedup)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _fit("--trainer.max_steps", "1", "--trainer.precision", precision) == 0
@@ -243,8 +243,8 @@ def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_f
     assert probed == [torch.bfloat16]
     assert ours == (
         [
-            "vit: precision bf16-mixed is slow on this CPU: a bfloat16 matrix product ran 5.0 times slower "
-            "than a float32 one (half precision is fast only on CPUs with AMX); pass --trainer.precision "
+            "vit: precision bf16-mixed is slow here: a bfloat16 matrix product ran 5.0 times slower than a "
+            "float32 one on this CPU (half precision is fast only on CPUs with AMX); pass --trainer.precision "
             "32-true"
         ]
         if warns
@@ -253,8 +253,8 @@ def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_f
 
 
 def test_fit_in_float32_never_probes_the_cpu(tmp_path, monkeypatch):
-    import vit.safety
+    import vit.precision
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(vit.safety, "matmul_speedup", lambda dtype: pytest.fail("probed in float32"))
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: pytest.fail("probed in float32"))
     assert _fit("--trainer.max_steps", "1") == 0

@@ -11,6 +11,7 @@ import argparse
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,15 +76,29 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: by core count)")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the model under autocast in --amp-dtype: several times faster on GPUs and on CPUs with AMX "
+        "(it warns where it is slower); probabilities move by up to about 0.01",
+    )
+    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(handler=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import torch
+
     from vit.predict import Predictor, write_results
 
     predictor = Predictor.from_checkpoint(
-        args.checkpoint, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        amp=args.amp,
+        amp_dtype=getattr(torch, args.amp_dtype),
     )
     results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
     write_results(results, args.format, sys.stdout)
@@ -189,8 +204,6 @@ def _attention(args: argparse.Namespace) -> int:
 
 def _lightning_main(argv: list[str]) -> int:
     """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
-    import warnings
-
     # We choose the loader processes on purpose (none for in-memory data, cores - 1 otherwise).
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
@@ -376,7 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # a warning is one line, as an error is, not Python's two with the source
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"vit {args.command}: warning: {message}", file=sys.stderr
+            )
+            return args.handler(args)
     except USER_ERRORS as e:
         print(f"vit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from timm.data.constants import DEFAULT_CROP_PCT
 from torch.utils.data import DataLoader, Dataset
 
 from vit.model import VisionTransformer
+from vit.precision import slow_on_this_cpu
 
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga", ".tif"}
@@ -144,7 +146,11 @@ class Predictor:
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         num_workers: int | None = None,
+        amp: bool = False,
+        amp_dtype: torch.dtype = torch.bfloat16,
     ):
+        """`amp`: run the model under `torch.autocast(amp_dtype)` (timm's `--amp`): several times faster on GPUs and
+        on CPUs with AMX, probabilities within about 0.01; on a CPU where `amp_dtype` is slower, it warns."""
         if model.num_classes < 1:
             raise ValueError("the model has no classification head (num_classes=0)")
         if model.cfg.in_chans not in (1, 3):
@@ -169,6 +175,10 @@ class Predictor:
         self.min_size = math.ceil(max(height, width) / (self.data_config.get("crop_pct") or DEFAULT_CROP_PCT))
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.amp, self.amp_dtype = amp, amp_dtype
+        slow = amp and self.device.type == "cpu" and slow_on_this_cpu(amp_dtype)
+        if slow:
+            warnings.warn(f"amp makes prediction slower here: {slow}; predict without it", stacklevel=2)
 
     @classmethod
     def from_checkpoint(
@@ -178,6 +188,8 @@ class Predictor:
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         num_workers: int | None = None,
+        amp: bool = False,
+        amp_dtype: torch.dtype = torch.bfloat16,
     ) -> Predictor:
         """A predictor from anything `vit.load_model` reads: a `vit fit` .ckpt, our .safetensors, a Hugging
         Face folder, or a timm tag (when online); class names and preprocessing come from the checkpoint."""
@@ -191,6 +203,8 @@ class Predictor:
             device=device,
             batch_size=batch_size,
             num_workers=num_workers,
+            amp=amp,
+            amp_dtype=amp_dtype,
         )
 
     def preprocess(self, source: ImageSource) -> torch.Tensor:
@@ -231,7 +245,8 @@ class Predictor:
                 for i, message in errors:
                     results[i]["error"] = message
                 if batch is not None:
-                    logits = self.model(batch.to(self.device, non_blocking=True))
+                    with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
+                        logits = self.model(batch.to(self.device, non_blocking=True))
                     probs, classes = logits.float().softmax(-1).topk(k)
                     for i, p, c in zip(indices, probs.tolist(), classes.tolist()):
                         results[i]["predictions"] = [

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vit import precision
 from vit.weights import _torch_load
 
 
@@ -78,27 +78,9 @@ class EndAllRanksOnError(Callback):
 CPU_HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
-def matmul_speedup(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
-    """How many times as fast a `size`² matrix product runs on this CPU in `dtype` as in float32 (best of
-    `repeats`, after a warm-up). Measured here, with oneDNN capped by ONEDNN_MAX_CPU_ISA, for bfloat16: 1.8 with
-    AMX, 0.6 with AVX-512 BF16 only, 0.18 with AVX-512 only, 0.013 with AVX2 (a scalar fallback)."""
-    a = torch.randn(size, size)
-
-    def best(x: torch.Tensor) -> float:
-        x @ x  # oneDNN builds its kernel on the first call
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(a) / best(a.to(dtype))
-
-
 class WarnIfHalfPrecisionIsSlow(Callback):
-    """Warn once at setup when a CPU run asks for bf16-mixed, bf16-true or 16-true and this CPU computes a matrix
-    product in that type more slowly than in float32 (`matmul_speedup` < 1). Only AMX makes bfloat16 pay on a CPU:
+    """Warn once at setup when a CPU run asks for bf16-mixed, bf16-true or 16-true and this CPU multiplies
+    matrices in that type more slowly than in float32 (`vit.precision`). Only AMX makes bfloat16 pay on a CPU:
     `benchmarks/speed.py`'s training step ran 1.6x as fast as float32 with it, and 0.7x (AVX-512 BF16 only),
     0.3x (AVX-512) and 0.04x (AVX2) without, so `configs/cifar10_cpu.yaml` would spend its time budget crawling."""
 
@@ -106,14 +88,9 @@ class WarnIfHalfPrecisionIsSlow(Callback):
         dtype = CPU_HALF_PRECISIONS.get(str(trainer.precision))
         if dtype is None or trainer.strategy.root_device.type != "cpu":
             return
-        speedup = matmul_speedup(dtype)
-        if speedup < 1:
-            rank_zero_warn(
-                f"vit: precision {trainer.precision} is slow on this CPU: a {str(dtype).removeprefix('torch.')} matrix "
-                f"product ran {1 / speedup:.1f} times slower than a float32 one (half precision is fast only on "
-                f"CPUs with AMX); "
-                f"pass --trainer.precision 32-true"
-            )
+        slow = precision.slow_on_this_cpu(dtype)
+        if slow:
+            rank_zero_warn(f"vit: precision {trainer.precision} is slow here: {slow}; pass --trainer.precision 32-true")
 
 
 def _last(trainer: L.Trainer) -> str:

@@ -227,7 +227,9 @@ def test_the_speed_probe_finds_bfloat16_slow_where_onednn_cannot_run_it():
     assert float(speedup) < 1
 
 
-@pytest.mark.parametrize(("precision", "speedup", "warns"), [("bf16-mixed", 0.2, True), ("bf16-mixed", 1.8, False)])
+@pytest.mark.parametrize(
+    ("precision", "speedup", "warns"), [("bf16-mixed", 0.2, True), ("bf16-mixed", 1.8, False), ("bf16-true", 0.2, True)]
+)
 def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_for(
     tmp_path, monkeypatch, precision, speedup, warns
 ):
@@ -243,7 +245,7 @@ def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_f
     assert probed == [torch.bfloat16]
     assert ours == (
         [
-            "vit: precision bf16-mixed is slow here: a bfloat16 matrix product ran 5.0 times slower than a "
+            f"vit: precision {precision} is slow here: a bfloat16 matrix product ran 5.0 times slower than a "
             "float32 one on this CPU (half precision is fast only on CPUs with AMX); pass --trainer.precision "
             "32-true"
         ]

@@ -399,5 +399,5 @@ def test_amp_warning_is_one_line_on_the_command_line(checkpoint, images, capsys,
     assert main(["predict", images[0], "-c", str(checkpoint), "--amp", "--format", "json"]) == 0
     assert capsys.readouterr().err.splitlines() == [
         "vit predict: warning: amp makes prediction slower here: a bfloat16 matrix product ran 4.0 times slower "
-        "than a float32 one on this CPU (half precision is fast only on CPUs with AMX); predict without it"
+        "than a float32 one on this CPU (bfloat16 is fast only on CPUs with AMX); predict without it"
     ]

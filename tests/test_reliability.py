@@ -246,7 +246,7 @@ def test_fit_warns_once_when_the_cpu_can_only_emulate_the_half_precision_asked_f
     assert ours == (
         [
             f"vit: precision {precision} is slow here: a bfloat16 matrix product ran 5.0 times slower than a "
-            "float32 one on this CPU (half precision is fast only on CPUs with AMX); pass --trainer.precision "
+            "float32 one on this CPU (bfloat16 is fast only on CPUs with AMX); pass --trainer.precision "
             "32-true"
         ]
         if warns

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+MATRIX_UNITS = {torch.bfloat16: "AMX", torch.float16: "AMX-FP16"}  # Intel's; Sapphire Rapids has AMX only
+
 
 def matmul_speedup(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
     """How many times as fast a `size`² matrix product runs on this CPU in `dtype` as in float32 (best of
@@ -39,5 +41,5 @@ def slow_on_this_cpu(dtype: torch.dtype) -> str | None:
     name = str(dtype).removeprefix("torch.")
     return (
         f"a {name} matrix product ran {1 / speedup:.1f} times slower than a float32 one on this CPU "
-        f"(half precision is fast only on CPUs with AMX)"
+        f"({name} is fast only on CPUs with {MATRIX_UNITS.get(dtype, 'matrix units for it')})"
     )

@@ -355,7 +355,7 @@ def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "vit": {**meta, "weights_prefix": "model."}}, tmp_path / "last.ckpt")
     out = tmp_path / "map.png"
-    assert vit.cli.main(["attention", str(image), "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 0
+    assert vit.cli.main(["attention", str(image), "-c", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 0  # -c too
     printed = capsys.readouterr().out
     assert any(f"predicted: {name} " in printed for name in ("ant", "bee", "cow"))
     assert Image.open(out).format == "PNG"

@@ -158,6 +158,19 @@ def test_train_dir_without_images_is_one_line_naming_the_folder(tmp_path, capsys
     assert err.count("\n") == 1 and err.startswith(f"vit fit: error: {empty}: no images found")
 
 
+def test_a_missing_train_dir_is_one_line_naming_it_not_jsonargparses_wrapper(tmp_path, capsys):
+    # jsonargparse wraps the data module's own error in "Does not validate against any of the Union subtypes"
+    missing = tmp_path / "no_such_photos"
+    assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(missing)]) == 2
+    assert capsys.readouterr().err == f"vit fit: error: {missing}: no such folder\n"
+
+
+def test_an_option_lightning_refuses_is_one_line_not_a_traceback(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vit fit: error: `max_epochs` must be a non-negative integer") and err.count("\n") == 1
+
+
 def test_class_count_mismatch_is_one_clear_line(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, "--model.num_classes", "5"]) == 2
     err = capsys.readouterr().err

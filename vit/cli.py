@@ -140,7 +140,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
     p.add_argument("image", help="an image file")
-    p.add_argument("--checkpoint", required=True, help=".ckpt, .safetensors with its config, or a timm tag")
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
     p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
@@ -213,13 +213,20 @@ def _lightning_main(argv: list[str]) -> int:
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
         return e.code if isinstance(e.code, int) else 2
     except USER_ERRORS as e:
+        # jsonargparse reports a class that failed to build ("Does not validate against any of the Union
+        # subtypes"), with the class's own error, which names the file and the problem, as the cause
+        while isinstance(e.__cause__, USER_ERRORS):
+            e = e.__cause__
         print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a run that went wrong, not a bad command line
-        if type(e).__name__ != "NonFiniteTrainingError":  # by name: importing vit.safety imports Lightning
-            raise
-        print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # by name: importing the classes at the top would import Lightning
+        if type(e).__name__ == "MisconfigurationException":  # Lightning refusing an option, e.g. max_epochs -3
+            print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        if type(e).__name__ == "NonFiniteTrainingError":  # a run that went wrong, not a bad command line
+            print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -165,6 +165,24 @@ def test_a_missing_train_dir_is_one_line_naming_it_not_jsonargparses_wrapper(tmp
     assert capsys.readouterr().err == f"vit fit: error: {missing}: no such folder\n"
 
 
+def test_cifar_download_that_fails_offline_is_one_line_naming_the_folder_and_the_fix(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets.utils
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))  # what an offline machine raised
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    assert main(["fit", "--config", str(CONFIGS / "cifar10.yaml"), "--data.data_dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"vit fit: error: {tmp_path / 'data' / 'cifar-10-batches-py'}: no CIFAR10 copy, and downloading"
+    )
+    assert err.endswith("Name or service not known>); pass --data.data_dir a folder that holds cifar-10-batches-py/\n")
+    assert err.count("\n") == 1
+
+
 def test_an_option_lightning_refuses_is_one_line_not_a_traceback(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs", "-3"]) == 2
     err = capsys.readouterr().err

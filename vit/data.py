@@ -367,7 +367,15 @@ class CIFAR10DataModule(VisionDataModule):
             from torchvision.datasets.utils import download_and_extract_archive
 
             spec = self.spec
-            download_and_extract_archive(spec.url, str(self.hparams.data_dir), filename=spec.filename, md5=spec.tgz_md5)
+            try:
+                download_and_extract_archive(
+                    spec.url, str(self.hparams.data_dir), filename=spec.filename, md5=spec.tgz_md5
+                )
+            except OSError as e:  # URLError when offline, or a folder we cannot write
+                raise FileNotFoundError(
+                    f"{self.root}: no {self.dataset_name} copy, and downloading {spec.url} failed ({e}); "
+                    f"pass --data.data_dir a folder that holds {spec.base_folder}/"
+                ) from e
 
     def _files(self) -> list[tuple[str, str]]:
         return [*self.spec.train_list, *self.spec.test_list, (self.spec.meta["filename"], "")]

@@ -401,3 +401,15 @@ def test_amp_warning_is_one_line_on_the_command_line(checkpoint, images, capsys,
         "vit predict: warning: amp makes prediction slower here: a bfloat16 matrix product ran 4.0 times slower "
         "than a float32 one on this CPU (bfloat16 is fast only on CPUs with AMX); predict without it"
     ]
+
+
+def test_amp_in_a_type_the_gpu_lacks_is_refused_before_any_image_is_read(monkeypatch):
+    from vit.predict import _check_autocast
+
+    # torch's own check, on a GPU without bfloat16 (a T4): only the capability queries are faked, as no GPU is here
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(ValueError, match="amp in bfloat16 on cuda: Current CUDA Device does not support bfloat16"):
+        _check_autocast("cuda", torch.bfloat16)
+    _check_autocast("cuda", torch.float16)
+    _check_autocast("cpu", torch.bfloat16)

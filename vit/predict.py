@@ -176,6 +176,8 @@ class Predictor:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.amp, self.amp_dtype = amp, amp_dtype
+        if amp:
+            _check_autocast(self.device.type, amp_dtype)
         slow = amp and self.device.type == "cpu" and slow_on_this_cpu(amp_dtype)
         if slow:
             warnings.warn(f"amp makes prediction slower here: {slow}; predict without it", stacklevel=2)
@@ -262,6 +264,14 @@ class Predictor:
             return 0
         # Decoding overlaps the model; the model itself wants the cores, so a few workers are enough.
         return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _check_autocast(device_type: str, dtype: torch.dtype) -> None:
+    """ValueError, before any image is read, where torch's autocast refuses `dtype` (bfloat16 on a T4 or V100)."""
+    try:
+        torch.autocast(device_type, dtype)
+    except RuntimeError as e:
+        raise ValueError(f"amp in {str(dtype).removeprefix('torch.')} on {device_type}: {e}") from None
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -413,3 +413,15 @@ def test_amp_in_a_type_the_gpu_lacks_is_refused_before_any_image_is_read(monkeyp
         _check_autocast("cuda", torch.bfloat16)
     _check_autocast("cuda", torch.float16)
     _check_autocast("cpu", torch.bfloat16)
+
+
+def test_predictor_checks_the_amp_type_only_when_amp_is_on(monkeypatch):
+    import vit.precision
+    import vit.predict
+
+    monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 2.0)
+    checked = []
+    monkeypatch.setattr(vit.predict, "_check_autocast", lambda device_type, dtype: checked.append((device_type, dtype)))
+    Predictor(tiny_model())
+    Predictor(tiny_model(), amp=True, amp_dtype=torch.float16)
+    assert checked == [("cpu", torch.float16)]

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import _cli
 import pytest
 import torch
 from tiny_checkpoints import tiny_model, write_lightning_ckpt
@@ -20,16 +21,7 @@ from vit.module import ViTClassifier
 from vit.weights import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY_DIGITS = [
-    "--config",
-    str(CONFIGS / "digits.yaml"),
-    "--model.model_overrides",
-    json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}),
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.limit_val_batches",
-    "1",
-]
+TINY_DIGITS = [*_cli.TINY_DIGITS, "--trainer.limit_val_batches", "1"]
 
 
 class _Payload:

@@ -212,18 +212,16 @@ def _lightning_main(argv: list[str]) -> int:
         _lightning_cli_class()(args=argv)
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
         return e.code if isinstance(e.code, int) else 2
-    except USER_ERRORS as e:
-        # jsonargparse reports a class that failed to build ("Does not validate against any of the Union
-        # subtypes"), with the class's own error, which names the file and the problem, as the cause
-        while isinstance(e.__cause__, USER_ERRORS):
-            e = e.__cause__
-        print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    except Exception as e:  # by name: importing the classes at the top would import Lightning
-        if type(e).__name__ == "MisconfigurationException":  # Lightning refusing an option, e.g. max_epochs -3
+    except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning
+        name = type(e).__name__
+        if isinstance(e, USER_ERRORS) or name == "MisconfigurationException":  # e.g. --trainer.max_epochs -3
+            # jsonargparse reports a class that failed to build ("Does not validate against any of the Union
+            # subtypes"), with the class's own error, which names the file and the problem, as the cause
+            while isinstance(e.__cause__, USER_ERRORS):
+                e = e.__cause__
             print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return 2
-        if type(e).__name__ == "NonFiniteTrainingError":  # a run that went wrong, not a bad command line
+        if name == "NonFiniteTrainingError":  # a run that went wrong, not a bad command line
             print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -202,14 +203,23 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def _lightning_main(argv: list[str]) -> int:
     """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
     # We choose the loader processes on purpose (none for in-memory data, cores - 1 otherwise).
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
+    # Lightning's notes that ask nothing of the user: its pytree helper's deprecation under newer torch, and an
+    # advert for its cloud logger on every run
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    cli = _lightning_cli_class()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
     try:
-        _lightning_cli_class()(args=argv)
+        cli(args=argv)
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning

@@ -3,6 +3,7 @@ eval transform, the model, in batches) on the same weights, in the same run.
 
     python benchmarks/predict.py                 # 1,000 JPEGs at 224 px
     python benchmarks/predict.py --amp           # also Predictor(amp=True): bfloat16 autocast against float32
+    python benchmarks/predict.py --jpeg-size 4000 3000  # photo-sized JPEGs: decoding costs more than the model
     python benchmarks/predict.py --quick --synthetic
 
 The JPEGs are CIFAR-10 images from shared/data/cifar10-train (the JPEG copy) upsampled to 224 px when that folder is
@@ -33,8 +34,9 @@ MODEL = "vit_tiny_patch16_224"
 SIZE = 224
 
 
-def make_jpegs(folder: Path, count: int, source: Path | None) -> list[Path]:
-    """`count` 224 px JPEGs: CIFAR-10 images upsampled (classes taken in turn), or smooth random pictures."""
+def make_jpegs(folder: Path, count: int, source: Path | None, size: tuple[int, int] = (SIZE, SIZE)) -> list[Path]:
+    """`count` JPEGs of `size` (width, height): CIFAR-10 images upsampled (classes taken in turn), or smooth random
+    pictures."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     classes = sorted(p for p in source.iterdir() if p.is_dir()) if source else []
@@ -45,7 +47,7 @@ def make_jpegs(folder: Path, count: int, source: Path | None) -> list[Path]:
         else:
             image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
         paths.append(folder / f"{i:04d}.jpg")
-        image.resize((SIZE, SIZE), Image.Resampling.BICUBIC).save(paths[-1], quality=90)
+        image.resize(size, Image.Resampling.BICUBIC).save(paths[-1], quality=90)
     return paths
 
 
@@ -77,13 +79,14 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even if the CIFAR-10 copy is there")
     parser.add_argument("--model", default=MODEL, help="a 224-px model name (random weights)")
     parser.add_argument("--amp", action="store_true", help="also time Predictor(amp=True) (bfloat16 autocast)")
+    parser.add_argument("--jpeg-size", type=int, nargs=2, default=(SIZE, SIZE), metavar=("W", "H"))
     args = parser.parse_args()
     if args.quick:
         args.images, args.batch_size, args.repeats = 8, 4, 1
     source = None if args.synthetic else next((p for p in CIFAR_CANDIDATES if p.is_dir()), None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(Path(tmp) / "images", args.images, source)
+        paths = make_jpegs(Path(tmp) / "images", args.images, source, tuple(args.jpeg_size))
         torch.manual_seed(0)
         checkpoint = vit.save_safetensors(vit.create_model(args.model), Path(tmp) / f"{args.model}.safetensors")
         predictor = Predictor.from_checkpoint(checkpoint, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -112,7 +115,9 @@ def main() -> None:
         amp_agree = sum(r["predictions"][0]["index"] == t for r, t in zip(amp_results, top1)) if amp else 0
 
     n = len(paths)
-    print(f"{n} JPEGs at {SIZE} px ({'CIFAR-10 upsampled' if source else 'synthetic'}), {args.model}, random weights")
+    width, height = args.jpeg_size
+    kind = "CIFAR-10 upsampled" if source else "synthetic"
+    print(f"{n} JPEGs of {width}x{height} px ({kind}), {args.model}, random weights")
     print(f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"plain loop: {n / min(plain_s):8.1f} images/s")
     print(f"Predictor:  {n / min(predictor_s):8.1f} images/s")

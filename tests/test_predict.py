@@ -336,10 +336,14 @@ def test_benchmark_runs_in_quick_mode():
         "--quick",
         "--synthetic",
         "--amp",
+        "--jpeg-size",
+        "300",
+        "200",
     ]  # tests never read shared data
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "ratio" in done.stdout and "images/s" in done.stdout and "Predictor(amp=True)" in done.stdout
+    assert "JPEGs of 300x200 px" in done.stdout
 
 
 # ------------------------------------------------------------------------------------------ half precision

@@ -270,7 +270,8 @@ class Setting:
         self.num_classes = cli.model.model.num_classes
         self.datamodule = cli.datamodule
         if self.datamodule.in_memory:  # the tensors the data module holds, indexed directly
-            self.x, self.y = self.datamodule.datasets["train"].cached  # (N, C, H, W), (N,)
+            train = self.datamodule.datasets["train"]
+            self.x, self.y, self.finish = *train.cached, train.finish  # (N, C, H, W) uint8, (N,); normalises
         else:  # the data module's own loader (same workers and transforms)
             self.loader = self.datamodule.train_dataloader()
 
@@ -289,7 +290,8 @@ class Setting:
             order = torch.randperm(len(self.x))
             for i in range(self.batches_per_epoch()):
                 idx = order[i * b : (i + 1) * b]
-                yield self.datamodule.batch_augment(self.x[idx]), self.y[idx]  # `vit fit`'s whole-batch augmentation
+                x = self.finish(self.x[idx])  # as the loader hands a batch out
+                yield self.datamodule.batch_augment(x), self.y[idx]  # `vit fit`'s whole-batch augmentation
         else:
             for i, batch in enumerate(self.loader):
                 if i >= limit:

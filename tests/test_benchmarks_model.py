@@ -94,7 +94,7 @@ def test_loop_overhead_script_compares_vit_fit_and_lightning_alone_with_a_plain_
 def test_data_pipeline_script_reports_loader_against_model_rates_for_both_data_modules(reports):
     out = lines(reports["data_pipeline"])
     assert any(line.startswith("imagefolder") and "worker(s)" in line for line in out), out
-    assert any(line.startswith("digits") and "in memory" in line for line in out), out
+    assert any(line.startswith("digits") and "in memory" in line and "torch.uint8" in line for line in out), out
     rates = [
         line
         for line in out

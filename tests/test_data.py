@@ -253,11 +253,15 @@ def test_in_memory_image_folder_holds_the_evaluation_tensors_and_leaves_unreadab
         plain = ImageDataset(plain.source, plain.indices, on_disk.eval_transform(), "RGB")
         expected = [item for item in plain if isinstance(item[0], torch.Tensor)]
         x, y = in_memory.datasets[split].cached
-        assert torch.equal(x, torch.stack([e[0] for e in expected]))  # the evaluation transform, once
+        assert x.dtype == torch.uint8  # a quarter of float32's memory
+        finish = in_memory.eight_bit_to_model_input()
+        assert torch.equal(finish(x), torch.stack([e[0] for e in expected]))  # the evaluation transform, bit for bit
         assert y.tolist() == [e[1] for e in expected]
     batches = list(in_memory.train_dataloader())
     assert [len(b[0]) for b in batches] == [4, 4, 4] and all(len(b) == 2 for b in batches)
+    assert all(b[0].dtype == torch.float32 for b in batches)
     x, y = in_memory.datasets["train"].cached  # each batch: distinct rows of the cache, with their labels
+    x = finish(x)
     rows = [next(i for i in range(len(x)) if torch.equal(x[i], image)) for b in batches for image in b[0]]
     assert len(set(rows)) == len(rows) and y[rows].tolist() == torch.cat([b[1] for b in batches]).tolist()
 
@@ -269,8 +273,9 @@ def test_in_memory_image_folder_trains_on_batch_augmented_images(tmp_path):
     )
     keep = _KeepBatches()
     tiny_trainer(max_epochs=1, callbacks=[keep]).fit(tiny_classifier(img=16), datamodule=dm)
-    (train,), stored = keep.train, dm.datasets["train"].cached[0]
-    assert torch.equal(keep.val[-1], dm.datasets["val"].cached[0])  # validation exactly as stored
+    finish = dm.eight_bit_to_model_input()
+    (train,), stored = keep.train, finish(dm.datasets["train"].cached[0])
+    assert torch.equal(keep.val[-1], finish(dm.datasets["val"].cached[0]))  # validation exactly as stored
     assert not any(torch.equal(a, b) for a in train for b in stored)  # training images cropped / flipped
 
 

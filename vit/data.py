@@ -27,6 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from vit.datasets import (
     ArrayImages,
+    EightBitToModelInput,
     FileImages,
     ImageDataset,
     batch_random_resized_crop,
@@ -98,9 +99,10 @@ class VisionDataModule(L.LightningDataModule):
         hflip: horizontal-flip probability.
         scale: area range of the random resized crop.
         color_jitter: colour-jitter strength (ignored by timm while RandAugment is on); None: off.
-        in_memory: decode and preprocess every image once and keep the splits as tensors; training batches are
-            then augmented whole on the device (random resized crop, flip, random erasing; no RandAugment), so
-            loading is never the bottleneck. For sets that fit in memory (CIFAR-size images).
+        in_memory: decode and preprocess every image once and keep the splits as uint8 tensors (normalised a
+            batch at a time); training batches are then augmented whole on the device (random resized crop, flip,
+            random erasing; no RandAugment), so loading is never the bottleneck. For sets that fit in memory
+            (CIFAR-size images: 150 MB for CIFAR-10's 50,000).
         degrees: random rotation of up to this many degrees either way, in the in-memory batch augmentation.
     """
 
@@ -155,10 +157,13 @@ class VisionDataModule(L.LightningDataModule):
             raise ValueError(f"images are read as grey (1 channel) or RGB (3 channels), not {channels} channels")
         mode = "L" if channels == 1 else "RGB"
         for split, (source, indices) in self._splits(STAGE_SPLITS[stage]).items():
-            augment = split == "train" and not self.in_memory
-            transform = self.train_transform() if augment else self.eval_transform()
+            if self.in_memory:  # 8-bit pixels, normalised a batch at a time as the loader hands them out
+                transform, finish = self.eval_transform(eight_bit=True), self.eight_bit_to_model_input()
+            else:
+                transform, finish = self.train_transform() if split == "train" else self.eval_transform(), None
             # Decoding is the slow part of caching: all the cores share it, whatever the training loader uses.
-            dataset = ImageDataset(source, indices, transform, mode, self.in_memory, default_num_workers() + 1)
+            workers = default_num_workers() + 1
+            dataset = ImageDataset(source, indices, transform, mode, self.in_memory, workers, finish)
             self.skipped.update(dict(dataset.skipped))
             self.datasets[split] = dataset
 
@@ -179,9 +184,14 @@ class VisionDataModule(L.LightningDataModule):
         )
         return with_black_zero_bit_posterize(transform)
 
-    def eval_transform(self) -> Any:
-        """timm's evaluation pipeline: resize, centre crop (crop_pct), normalise; no randomness."""
-        return create_transform(**self.data_config)
+    def eval_transform(self, eight_bit: bool = False) -> Any:
+        """timm's evaluation pipeline: resize, centre crop (crop_pct), normalise; no randomness. `eight_bit`: stop
+        before normalising, at uint8 (C, H, W) pixels (timm's `use_prefetcher` form)."""
+        return create_transform(**self.data_config, use_prefetcher=eight_bit)
+
+    def eight_bit_to_model_input(self) -> EightBitToModelInput:
+        """What turns `eval_transform(eight_bit=True)`'s pixels into `eval_transform()`'s tensors, bit for bit."""
+        return EightBitToModelInput(self.data_config["mean"], self.data_config["std"])
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import transforms
 
 # What PIL raises for a missing, truncated or undecodable file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -52,17 +53,38 @@ class Skipped(tuple):
     """A sample that could not be read: (name, reason). The collate function drops it."""
 
 
+class EightBitToModelInput:
+    """uint8 images (..., C, H, W) to the model's float input, computed as timm's evaluation transform computes it
+    from a PIL image (to float, / 255, then `Normalize(mean, std)`), bit for bit."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.normalize = transforms.Normalize(torch.tensor(mean), torch.tensor(std), inplace=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x.float().div(255))
+
+
 class ImageDataset(Dataset):
     """A split of an image source: decode, convert to the model's channels, transform.
 
     With `cache=True` every item is transformed once, up front (by `workers` loader processes), and the split is
-    held as one tensor; unreadable items are then left out and listed in `skipped`.
+    held as one tensor; unreadable items are then left out and listed in `skipped`. `finish` turns what the cache
+    holds into what the loader yields, item or batch: the cache can then hold 8-bit pixels, a quarter of the
+    memory of float32, and `finish` normalise them (`EightBitToModelInput`).
     """
 
     def __init__(
-        self, source: Any, indices: Sequence[int], transform: Any, mode: str, cache: bool = False, workers: int = 0
+        self,
+        source: Any,
+        indices: Sequence[int],
+        transform: Any,
+        mode: str,
+        cache: bool = False,
+        workers: int = 0,
+        finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
+        self.finish = finish or (lambda x: x)
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
         self.skipped: list[Skipped] = []
         if cache:
@@ -83,7 +105,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         if self.cached is not None:
-            return self.cached[0][i], self.cached[1][i]
+            return self.finish(self.cached[0][i]), self.cached[1][i]
         return self._read(i)
 
     def __getitems__(self, indices: list[int]) -> list[Any] | tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +113,7 @@ class ImageDataset(Dataset):
         if self.cached is None:
             return [self._read(i) for i in indices]
         index = torch.as_tensor(indices)
-        return self.cached[0][index], self.cached[1][index]
+        return self.finish(self.cached[0][index]), self.cached[1][index]
 
     def _read(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         j = self.indices[i]

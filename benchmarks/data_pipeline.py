@@ -3,7 +3,8 @@ augmentation) against images/s that the model consumes in a training step at the
 
     python benchmarks/data_pipeline.py                               # a temporary ImageFolder of 32x32 JPEGs, digits
     python benchmarks/data_pipeline.py --data-dir /path/to/train     # a real ImageFolder (e.g. CIFAR-10 as JPEGs)
-    python benchmarks/data_pipeline.py --data-dir DIR --in-memory    # the same folder decoded once into memory
+    python benchmarks/data_pipeline.py --data-dir DIR --in-memory    # the same decoded once into memory (RandAugment
+                                                                     # then runs on the cached pixels)
     python benchmarks/data_pipeline.py --quick                       # seconds: keeps the script from rotting
 
 Each setting takes its data module, model, batch size and threads from its config (configs/imagefolder.yaml:
@@ -42,7 +43,7 @@ def data_module(
     if data_dir is not None:
         kwargs["train_dir"] = data_dir
     if in_memory and name == "imagefolder":
-        kwargs.update(in_memory=True, auto_augment=None)
+        kwargs["in_memory"] = True  # the config's RandAugment then runs on the cached pixels, in the workers
     cfg = model.pretrained_cfg  # what ViTClassifier hands the data module at setup (crop_pct stays the module's)
     own = {"input_size": (model.cfg.in_chans, *model.cfg.img_hw), "mean": cfg["mean"], "std": cfg["std"]}
     dm = cls(**kwargs, preprocessing={**own, "interpolation": cfg.get("interpolation", "bicubic")})
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000, help="random ImageFolder: images (10 classes)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=12, help="batches per loader pass (and model steps)")
-    parser.add_argument("--in-memory", action="store_true", help="ImageFolder setting: in_memory=True, as cifar10_cpu")
+    parser.add_argument("--in-memory", action="store_true", help="ImageFolder setting: in_memory=True")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 1 round of 2 batches of 8")
     args = parser.parse_args(argv)
     batch_size = None

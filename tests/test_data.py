@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 
 import lightning as L
 import numpy as np
@@ -279,10 +280,40 @@ def test_in_memory_image_folder_trains_on_batch_augmented_images(tmp_path):
     assert not any(torch.equal(a, b) for a in train for b in stored)  # training images cropped / flipped
 
 
-def test_in_memory_with_randaugment_says_it_is_not_applied(tmp_path):
-    write_image_folder(tmp_path / "train", per_class=2)
-    with pytest.warns(UserWarning, match="auto_augment='rand-m9-mstd0.5-inc1' is not applied"):
-        ImageFolderDataModule(tmp_path / "train", in_memory=True)
+def test_in_memory_training_images_get_timms_randaugment_image_by_image_and_validation_none(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=6)
+    options = dict(in_memory=True, val_fraction=0.25, preprocessing=RAW_RGB_16)  # RandAugment: the default
+    assert ImageFolderDataModule(tmp_path / "train", **options).num_workers > 0  # its ops run in the workers
+    dm = ImageFolderDataModule(tmp_path / "train", num_workers=0, **options)
+    dm.setup("fit")
+    train, val, finish = dm.datasets["train"], dm.datasets["val"], dm.eight_bit_to_model_input()
+    rows = list(range(len(train)))
+
+    def seeded(fn):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        return fn()
+
+    # the oracle: timm's own colour stage on each cached image as a PIL image, then timm's ToTensor + Normalize
+    colour = dm.colour_transform()
+    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in train.cached[0]]
+    expected = seeded(lambda: torch.stack([dm.eval_transform()(colour(image)) for image in pil]))
+    batch, _ = seeded(lambda: train.__getitems__(rows))
+    assert torch.equal(batch, expected)
+    assert not torch.equal(batch, finish(train.cached[0]))  # the comparison above can fail
+    travelled = pickle.loads(pickle.dumps(train))  # as the dataset reaches spawned workers (macOS, Windows)
+    assert torch.equal(seeded(lambda: travelled.__getitems__(rows))[0], expected)
+    assert torch.equal(val.__getitems__(list(range(len(val))))[0], finish(val.cached[0]))  # validation untouched
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_image_runs_a_pil_transform_on_every_image_of_a_uint8_batch(channels):
+    from PIL import ImageOps
+
+    from vit.datasets import EachImage
+
+    x = torch.randint(0, 256, (5, channels, 7, 9), dtype=torch.uint8)
+    assert torch.equal(EachImage(ImageOps.invert)(x), 255 - x)
+    assert torch.equal(EachImage(ImageOps.invert)(x[0]), 255 - x[0])  # one image (C, H, W), as __getitem__ has it
 
 
 def test_batch_augmentation_rotates_by_up_to_degrees_and_is_exact_without_changes():

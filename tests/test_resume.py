@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from _cli import TINY_DIGITS
 
@@ -103,15 +104,18 @@ def test_the_saved_rng_states_are_what_makes_the_resume_exact(tmp_path):
     assert _max_difference(resume(tmp_path / "without_rng.ckpt", "without"), uninterrupted) > 1e-4
 
 
-def test_resume_is_exact_when_loader_workers_augment(tmp_path):
-    """RandAugment, flips and erasing drawn in a worker process, whose seed comes from the global torch RNG."""
+@pytest.mark.parametrize("in_memory", ["false", "true"])
+def test_resume_is_exact_when_loader_workers_augment(tmp_path, in_memory):
+    """RandAugment drawn in a worker process, whose seed comes from the global torch RNG: with flips and erasing
+    there too (from files), or on the cached pixels before the batch crop, flip and erasing (in memory)."""
     from _images import write_image_folder
 
     train = write_image_folder(tmp_path / "train", per_class=8)
     folder = ["--config", str(ROOT / "configs" / "imagefolder.yaml"), "--data.train_dir", str(train)]
     tiny = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2})
     small = ["--model.img_size", "16", "--model.model_overrides", tiny, "--data.batch_size", "8"]
-    data = [*folder, *small, "--data.num_workers", "1", "--trainer.enable_progress_bar", "false"]
+    data = [*folder, *small, "--data.num_workers", "1", "--data.in_memory", in_memory]
+    data += ["--trainer.enable_progress_bar", "false"]
 
     def fit(where: str, epochs: int, *extra: str) -> dict[str, torch.Tensor]:
         return _fit_in_process(tmp_path / where, "--trainer.max_epochs", str(epochs), *extra, data=data,

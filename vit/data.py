@@ -17,16 +17,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from timm.data import auto_augment, create_transform, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
+from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from vit.datasets import (
     ArrayImages,
+    EachImage,
     EightBitToModelInput,
     FileImages,
     ImageDataset,
@@ -100,9 +101,9 @@ class VisionDataModule(L.LightningDataModule):
         scale: area range of the random resized crop.
         color_jitter: colour-jitter strength (ignored by timm while RandAugment is on); None: off.
         in_memory: decode and preprocess every image once and keep the splits as uint8 tensors (normalised a
-            batch at a time); training batches are then augmented whole on the device (random resized crop, flip,
-            random erasing; no RandAugment), so loading is never the bottleneck. For sets that fit in memory
-            (CIFAR-size images: 150 MB for CIFAR-10's 50,000).
+            batch at a time). Training images then get RandAugment (or colour jitter) image by image in the loader
+            workers, from the cached pixels, and the random resized crop, flip and random erasing a whole batch at
+            a time on the device. For sets that fit in memory (CIFAR-size images: 150 MB for CIFAR-10's 50,000).
         degrees: random rotation of up to this many degrees either way, in the in-memory batch augmentation.
     """
 
@@ -124,10 +125,11 @@ class VisionDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.in_memory = in_memory
-        # In memory a batch is a slice of tensors: worker processes would only add start-up time.
-        self.num_workers = (0 if in_memory else default_num_workers()) if num_workers is None else num_workers
-        if in_memory and auto_augment:
-            rank_zero_warn(f"in_memory=True augments whole batches; auto_augment={auto_augment!r} is not applied")
+        # In memory a batch is a slice of tensors: worker processes would only add start-up time, unless they have
+        # per-image colour ops (RandAugment) to run.
+        self.per_image_colour = bool(auto_augment or color_jitter)  # subclasses' hparams can lack these keys
+        idle = in_memory and not self.per_image_colour
+        self.num_workers = (0 if idle else default_num_workers()) if num_workers is None else num_workers
         self.preprocessing = dict(preprocessing or {})  # hparams keeps what the user passed
         self.class_names: list[str] | None = None
         self.data_config: dict[str, Any] | None = None
@@ -157,8 +159,10 @@ class VisionDataModule(L.LightningDataModule):
             raise ValueError(f"images are read as grey (1 channel) or RGB (3 channels), not {channels} channels")
         mode = "L" if channels == 1 else "RGB"
         for split, (source, indices) in self._splits(STAGE_SPLITS[stage]).items():
-            if self.in_memory:  # 8-bit pixels, normalised a batch at a time as the loader hands them out
+            if self.in_memory:  # 8-bit pixels; as the loader hands a batch out: per-image colour ops, normalise
                 transform, finish = self.eval_transform(eight_bit=True), self.eight_bit_to_model_input()
+                colour = self.colour_transform() if split == "train" and self.per_image_colour else None
+                finish = transforms.Compose([EachImage(colour), finish]) if colour else finish
             else:
                 transform, finish = self.train_transform() if split == "train" else self.eval_transform(), None
             # Decoding is the slow part of caching: all the cores share it, whatever the training loader uses.
@@ -167,8 +171,9 @@ class VisionDataModule(L.LightningDataModule):
             self.skipped.update(dict(dataset.skipped))
             self.datasets[split] = dataset
 
-    def train_transform(self) -> Any:
-        """timm's training pipeline: random resized crop, flip, RandAugment, normalise, random erasing."""
+    def train_transform(self, separate: bool = False) -> Any:
+        """timm's training pipeline: random resized crop, flip, RandAugment, normalise, random erasing.
+        `separate`: timm's three stages apart, (crop and flip, colour, tensor and erasing)."""
         c, h = self.data_config, self.hparams
         transform = create_transform(
             c["input_size"],
@@ -181,8 +186,19 @@ class VisionDataModule(L.LightningDataModule):
             interpolation=c["interpolation"],
             mean=c["mean"],
             std=c["std"],
+            separate=separate,
         )
-        return with_black_zero_bit_posterize(transform)
+        return (
+            tuple(map(with_black_zero_bit_posterize, transform))
+            if separate
+            else with_black_zero_bit_posterize(transform)
+        )
+
+    def colour_transform(self) -> Any | None:
+        """The per-image colour stage of `train_transform` (RandAugment, or colour jitter without it) on PIL
+        images; None when there is none."""
+        colour = self.train_transform(separate=True)[1]
+        return colour if colour.transforms else None
 
     def eval_transform(self, eight_bit: bool = False) -> Any:
         """timm's evaluation pipeline: resize, centre crop (crop_pct), normalise; no randomness. `eight_bit`: stop
@@ -197,15 +213,16 @@ class VisionDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"{type(self).__name__} has no {split} split")
         dataset = self.datasets[split]
+        workers = self.num_workers if train or not self.in_memory else 0  # in memory, evaluation is slicing alone
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=train,
             drop_last=train and len(dataset) > self.hparams.batch_size,  # even batches for Mixup/CutMix
-            num_workers=self.num_workers,
+            num_workers=workers,
             # training workers start afresh each epoch, seeded from the global torch RNG, which checkpoints carry:
             # persistent ones would carry their RNGs on from epoch to epoch, out of a resumed run's reach
-            persistent_workers=self.num_workers > 0 and not train,
+            persistent_workers=workers > 0 and not train,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping,
         )

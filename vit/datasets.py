@@ -64,6 +64,23 @@ class EightBitToModelInput:
         return self.normalize(x.float().div(255))
 
 
+class EachImage:
+    """A PIL transform (timm's RandAugment, colour jitter) applied image by image to uint8 images: a batch
+    (N, C, H, W) or one (C, H, W), one or three channels."""
+
+    def __init__(self, transform: Callable[[Image.Image], Image.Image]):
+        self.transform = transform
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return self(x[None])[0]
+        out = torch.empty_like(x)
+        for i, image in enumerate(x.permute(0, 2, 3, 1).numpy()):  # (H, W, C)
+            changed = self.transform(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image))
+            out[i] = torch.from_numpy(np.atleast_3d(np.array(changed, dtype=np.uint8))).permute(2, 0, 1)
+        return out
+
+
 class ImageDataset(Dataset):
     """A split of an image source: decode, convert to the model's channels, transform.
 
@@ -84,7 +101,7 @@ class ImageDataset(Dataset):
         finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
-        self.finish = finish or (lambda x: x)
+        self.finish = finish  # not a lambda: datasets travel to spawned loader workers by pickle
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
         self.skipped: list[Skipped] = []
         if cache:
@@ -105,7 +122,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         if self.cached is not None:
-            return self.finish(self.cached[0][i]), self.cached[1][i]
+            return self._finished(self.cached[0][i]), self.cached[1][i]
         return self._read(i)
 
     def __getitems__(self, indices: list[int]) -> list[Any] | tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +130,10 @@ class ImageDataset(Dataset):
         if self.cached is None:
             return [self._read(i) for i in indices]
         index = torch.as_tensor(indices)
-        return self.finish(self.cached[0][index]), self.cached[1][index]
+        return self._finished(self.cached[0][index]), self.cached[1][index]
+
+    def _finished(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.finish is None else self.finish(x)
 
     def _read(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         j = self.indices[i]

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from timm.data.auto_augment import RandAugment
 
 from vit.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from vit.datasets import ImageDataset
@@ -280,7 +281,7 @@ def test_in_memory_image_folder_trains_on_batch_augmented_images(tmp_path):
     assert not any(torch.equal(a, b) for a in train for b in stored)  # training images cropped / flipped
 
 
-def test_in_memory_training_images_get_timms_randaugment_image_by_image_and_validation_none(tmp_path):
+def test_in_memory_training_images_get_timms_randaugment_one_by_one_and_validation_images_none(tmp_path):
     write_image_folder(tmp_path / "train", per_class=6)
     options = dict(in_memory=True, val_fraction=0.25, preprocessing=RAW_RGB_16)  # RandAugment: the default
     assert ImageFolderDataModule(tmp_path / "train", **options).num_workers > 0  # its ops run in the workers
@@ -290,11 +291,14 @@ def test_in_memory_training_images_get_timms_randaugment_image_by_image_and_vali
     rows = list(range(len(train)))
 
     def seeded(fn):
-        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
         return fn()
 
     # the oracle: timm's own colour stage on each cached image as a PIL image, then timm's ToTensor + Normalize
     colour = dm.colour_transform()
+    assert [type(t) for t in colour.transforms] == [RandAugment]  # that stage alone: no crop, flip or erasing
     pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in train.cached[0]]
     expected = seeded(lambda: torch.stack([dm.eval_transform()(colour(image)) for image in pil]))
     batch, _ = seeded(lambda: train.__getitems__(rows))

@@ -209,7 +209,7 @@ def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
 
 def _lightning_main(argv: list[str]) -> int:
     """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
-    # We choose the loader processes on purpose (none for in-memory data, cores - 1 otherwise).
+    # We choose the loader processes on purpose (none for in-memory data without RandAugment, else cores - 1).
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")

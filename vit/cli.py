@@ -213,9 +213,10 @@ def _lightning_main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
-    # Lightning's notes that ask nothing of the user: its pytree helper's deprecation under newer torch, and an
-    # advert for its cloud logger on every run
+    # Lightning's notes that ask nothing of the user: its pytree helper's deprecation under newer torch, that the
+    # summary counts bf16-mixed weights as 32-bit (which they are), and an advert for its cloud logger on every run
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", ".*is not supported by the model summary.*")
     cli = _lightning_cli_class()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
     try:

@@ -320,6 +320,37 @@ def test_each_image_runs_a_pil_transform_on_every_image_of_a_uint8_batch(channel
     assert torch.equal(EachImage(ImageOps.invert)(x[0]), 255 - x[0])  # one image (C, H, W), as __getitem__ has it
 
 
+def test_batch_random_erasing_draws_rectangles_as_timms_random_erasing_draws_them():
+    from timm.data.random_erasing import RandomErasing
+
+    from vit.datasets import batch_random_erasing
+
+    torch.manual_seed(0)
+    random.seed(0)
+    ones = torch.ones(4000, 3, 24, 32)  # not square: heights and widths must not swap
+
+    def erased(batch: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Share of images erased; quantiles of the erased fraction, the rectangles' heights and widths."""
+        zero = batch[:, 0] == 0
+        hit = zero.flatten(1).any(1)
+        rows, cols = zero.any(2).sum(1)[hit], zero.any(1).sum(1)[hit]
+        assert torch.equal(zero.flatten(1).sum(1)[hit], rows * cols)  # each a rectangle
+        assert torch.equal(batch == 0, zero[:, None].expand_as(batch))  # the same on every channel
+        q = torch.tensor([0.1, 0.5, 0.9])
+        return hit.float().mean().item(), torch.stack(
+            [torch.quantile(v.float(), q) for v in (zero.flatten(1).float().mean(1)[hit], rows, cols)]
+        )
+
+    ours, timms = (
+        erased(batch_random_erasing(ones, 0.5)),
+        erased(RandomErasing(0.5, mode="const", device="cpu")(ones.clone())),
+    )
+    assert abs(ours[0] - 0.5) < 0.04 and abs(timms[0] - 0.5) < 0.04
+    assert torch.allclose(ours[1][0], timms[1][0], atol=0.02)  # erased fraction: 0.05 / 0.17 / 0.30
+    assert torch.allclose(ours[1][1:], timms[1][1:], atol=2.0)  # heights and widths in pixels
+    assert torch.equal(batch_random_erasing(ones, 0.0), ones)
+
+
 def test_batch_augmentation_rotates_by_up_to_degrees_and_is_exact_without_changes():
     from vit.datasets import batch_random_resized_crop
 

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from timm.data import auto_augment, create_transform, resolve_data_config
-from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
@@ -31,6 +30,7 @@ from vit.datasets import (
     EightBitToModelInput,
     FileImages,
     ImageDataset,
+    batch_random_erasing,
     batch_random_resized_crop,
     carve,
     class_folders,
@@ -255,7 +255,7 @@ class VisionDataModule(L.LightningDataModule):
             flip = torch.rand(len(x), device=x.device) < h.hflip
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if h.re_prob > 0:
-            x = RandomErasing(h.re_prob, mode="const", device=x.device)(x)
+            x = batch_random_erasing(x, h.re_prob)
         return x
 
     def teardown(self, stage: str) -> None:

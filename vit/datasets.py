@@ -176,6 +176,32 @@ def batch_random_resized_crop(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def batch_random_erasing(
+    x: torch.Tensor,
+    probability: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    attempts: int = 10,
+) -> torch.Tensor:
+    """timm's `RandomErasing(probability, mode='const')` for a whole batch (B, C, H, W) at once: with
+    `probability`, an image gets one rectangle of zeros covering a fraction `area` of it, aspect ratio in `ratio`,
+    drawn up to `attempts` times until it fits. timm erases image by image: a few kernels each on a GPU."""
+    b, _, height, width = x.shape
+    on = dict(device=x.device)
+    target = torch.empty(b, attempts, **on).uniform_(*area) * (height * width)
+    aspect = torch.empty(b, attempts, **on).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    h, w = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()  # (B, attempts), as timm rounds
+    fits = (h < height) & (w < width)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    erase = (torch.rand(b, **on) < probability) & fits.any(1)
+    top = (torch.rand(b, **on) * (height - h + 1)).floor()[:, None, None]
+    left = (torch.rand(b, **on) * (width - w + 1)).floor()[:, None, None]
+    rows, cols = torch.arange(height, **on)[None, :, None], torch.arange(width, **on)[None, None, :]
+    inside = (rows >= top) & (rows < top + h[:, None, None]) & (cols >= left) & (cols < left + w[:, None, None])
+    return x.masked_fill((inside & erase[:, None, None])[:, None], 0.0)
+
+
 def carve(targets: Sequence[int], indices: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
     """Split `indices` into (kept, carved) with `fraction` carved out, stratified by class where possible."""
     indices = np.asarray(indices)

@@ -327,7 +327,7 @@ def test_batch_random_erasing_draws_rectangles_as_timms_random_erasing_draws_the
 
     torch.manual_seed(0)
     random.seed(0)
-    ones = torch.ones(4000, 3, 24, 32)  # not square: heights and widths must not swap
+    ones = torch.ones(4000, 3, 24, 32)  # not square: whether a rectangle fits depends on its orientation
 
     def erased(batch: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Share of images erased; quantiles of the erased fraction, the rectangles' heights and widths."""

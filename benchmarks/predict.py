@@ -90,9 +90,9 @@ def main() -> None:
         torch.manual_seed(0)
         checkpoint = vit.save_safetensors(vit.create_model(args.model), Path(tmp) / f"{args.model}.safetensors")
         predictor = Predictor.from_checkpoint(checkpoint, batch_size=args.batch_size, num_workers=args.num_workers)
-        amp = None
+        amp_predictor = None
         if args.amp:
-            amp = Predictor.from_checkpoint(
+            amp_predictor = Predictor.from_checkpoint(
                 checkpoint, batch_size=args.batch_size, num_workers=args.num_workers, amp=True
             )
         model, _ = vit.load_model(checkpoint)
@@ -107,12 +107,14 @@ def main() -> None:
             plain_s.append(seconds)
             seconds, results = timed(lambda: predictor.predict(Path(tmp) / "images", topk=5, progress=False))
             predictor_s.append(seconds)
-            if amp:
-                seconds, amp_results = timed(lambda: amp.predict(Path(tmp) / "images", topk=5, progress=False))
+            if amp_predictor:
+                seconds, amp_results = timed(
+                    lambda: amp_predictor.predict(Path(tmp) / "images", topk=5, progress=False)
+                )
                 amp_s.append(seconds)
         top1 = [r["predictions"][0]["index"] for r in results]
         agree = sum(a == b for a, b in zip(top1, plain_top1))
-        amp_agree = sum(r["predictions"][0]["index"] == t for r, t in zip(amp_results, top1)) if amp else 0
+        amp_agree = sum(r["predictions"][0]["index"] == t for r, t in zip(amp_results, top1)) if amp_predictor else 0
 
     n = len(paths)
     width, height = args.jpeg_size

@@ -188,11 +188,9 @@ class VisionDataModule(L.LightningDataModule):
             std=c["std"],
             separate=separate,
         )
-        return (
-            tuple(map(with_black_zero_bit_posterize, transform))
-            if separate
-            else with_black_zero_bit_posterize(transform)
-        )
+        if separate:
+            return tuple(map(with_black_zero_bit_posterize, transform))
+        return with_black_zero_bit_posterize(transform)
 
     def colour_transform(self) -> Any | None:
         """The per-image colour stage of `train_transform` (RandAugment, or colour jitter without it) on PIL

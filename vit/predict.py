@@ -178,9 +178,9 @@ class Predictor:
         self.amp, self.amp_dtype = amp, amp_dtype
         if amp:
             _check_autocast(self.device.type, amp_dtype)
-        slow = amp and self.device.type == "cpu" and slow_on_this_cpu(amp_dtype)
-        if slow:
-            warnings.warn(f"amp makes prediction slower here: {slow}; predict without it", stacklevel=2)
+            slow = self.device.type == "cpu" and slow_on_this_cpu(amp_dtype)
+            if slow:
+                warnings.warn(f"amp makes prediction slower here: {slow}; predict without it", stacklevel=2)
 
     @classmethod
     def from_checkpoint(

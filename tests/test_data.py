@@ -178,13 +178,34 @@ def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_dropping_t
 
 def test_unreadable_images_never_stop_training_and_get_one_counting_warning(tmp_path):
     write_image_folder(tmp_path / "train", per_class=4)
-    write_broken_images(tmp_path / "train" / "dog")
+    broken = write_broken_images(tmp_path / "train" / "dog")
     dm = ImageFolderDataModule(tmp_path / "train", val_fraction=0.25, batch_size=4, num_workers=1, hflip=0.0)
     model = tiny_classifier(lr=1e-3)
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)") as record:
         tiny_trainer(max_epochs=2).fit(model, datamodule=dm)
-    assert sum("unreadable" in str(w.message) for w in record) == 1
+    (message,) = [str(w.message) for w in record if "unreadable" in str(w.message)]
+    assert all(str(path) in message for path in broken)  # each file named
     assert model.class_names == ["cat", "dog", "fox"]
+
+
+def test_training_reads_an_image_as_vit_predict_does(tmp_path):
+    """Upright by its EXIF orientation, transparency on white, 16-bit scaled: a model must not train on images
+    that `vit predict` would show it otherwise."""
+    from vit.datasets import FileImages
+    from vit.predict import read_image
+
+    rng = np.random.default_rng(0)
+    rotated = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to show it upright
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(tmp_path / "deep.png")
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    files = FileImages([(str(tmp_path / name), 0) for name in ("rotated.jpg", "deep.png", "clear.png")])
+    for i, name in enumerate(("rotated.jpg", "deep.png", "clear.png")):
+        assert np.array_equal(np.asarray(files.load(i, "RGB")), np.asarray(read_image(tmp_path / name, "RGB")))
+    assert files.load(0, "RGB").size == (12, 20)  # stood upright
 
 
 def test_cifar10_folder_in_torchvision_layout_loads_offline(tmp_path, monkeypatch):

@@ -258,9 +258,10 @@ class VisionDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.skipped:
-            name, reason = next(iter(self.skipped.items()))
+            named = [f"{name} ({reason})" for name, reason in list(self.skipped.items())[:3]]
+            more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             warnings.warn(
-                f"skipped {len(self.skipped)} unreadable image(s), e.g. {name} ({reason})", UserWarning, stacklevel=1
+                f"skipped {len(self.skipped)} unreadable image(s): {'; '.join(named)}{more}", UserWarning, stacklevel=1
             )
             self.skipped.clear()
 
@@ -331,6 +332,10 @@ class ImageFolderDataModule(VisionDataModule):
         self.class_names = class_folders(self.train_dir)
         if not self.class_names:
             raise ValueError(f"{self.train_dir}: no class folders (expected {self.train_dir}/<class>/<image>)")
+        if len(self.class_names) == 1:
+            raise ValueError(
+                f"{self.train_dir}: one class folder ({self.class_names[0]}); a classifier needs two or more"
+            )
 
     def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:
         splits: dict[str, tuple[Any, list[int]]] = {}
@@ -363,6 +368,10 @@ class ImageFolderDataModule(VisionDataModule):
         samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
             raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(IMG_EXTENSIONS)})")
+        if folder == self.train_dir:  # a class without training images would be a head output nothing trains
+            empty = sorted(set(self.class_names) - {self.class_names[t] for _, t in samples})
+            if empty:
+                raise ValueError(f"{folder}: no images in the class folder(s) {', '.join(empty[:5])}")
         return FileImages(samples)
 
 

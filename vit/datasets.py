@@ -17,6 +17,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
+from vit.predict import describe_error, read_image
+
 # What PIL raises for a missing, truncated or undecodable file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -29,8 +31,7 @@ class FileImages:
         self.targets = [t for _, t in samples]
 
     def load(self, i: int, mode: str) -> Image.Image:
-        with Image.open(self.paths[i]) as im:
-            return im.convert(mode)  # decodes the whole file, so a truncated one fails here
+        return read_image(self.paths[i], mode)  # as `vit predict` reads it: upright, alpha on white, 16-bit scaled
 
     def name(self, i: int) -> str:
         return self.paths[i]
@@ -141,7 +142,7 @@ class ImageDataset(Dataset):
             image = self.source.load(j, self.mode)
             return self.transform(image), self.source.targets[j]
         except READ_ERRORS as e:
-            return Skipped((self.source.name(j), f"{type(e).__name__}: {e}"))
+            return Skipped((self.source.name(j), describe_error(e)))
 
 
 def collate_skipping(items: list[Any]) -> tuple:

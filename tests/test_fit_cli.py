@@ -169,6 +169,7 @@ def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):
 def test_train_dir_without_images_is_one_line_naming_the_folder(tmp_path, capsys):
     empty = tmp_path / "photos"
     (empty / "cats").mkdir(parents=True)
+    (empty / "dogs").mkdir()
     assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"vit fit: error: {empty}: no images found")
@@ -210,3 +211,77 @@ def test_class_count_mismatch_is_one_clear_line(capsys):
     err = capsys.readouterr().err
     assert "vit fit: error: the model has num_classes=5 but the data (DigitsDataModule) has 10 classes" in err
     assert "Traceback" not in err
+
+
+def test_testing_a_checkpoint_on_other_class_names_is_an_error_not_a_score(tmp_path, capsys, caplog):
+    write_image_folder(tmp_path / "a", classes=("cat", "dog", "fox"), per_class=4, size=16)
+    fit = ["--config", str(CONFIGS / "imagefolder.yaml"), "--data.num_workers", "0", "--data.batch_size", "4"]
+    assert main(["fit", *fit, "--data.train_dir", str(tmp_path / "a"), *QUICK]) == 0
+    assert "head" not in caplog.text  # from scratch: no "new head" news about a 1000-class head never trained
+    err = capsys.readouterr().err  # Lightning's warnings too are one line each, as vit's own
+    assert "vit fit: warning: The number of training batches" in err and "warnings.warn(" not in err
+    last = "runs/imagefolder/version_0/checkpoints/last.ckpt"
+    write_image_folder(tmp_path / "b", classes=("dog", "fox", "zebra"), per_class=4, size=16)  # same count
+    other = ["--data.train_dir", str(tmp_path / "b"), "--data.test_dir", str(tmp_path / "b"), "--ckpt_path", last]
+    assert main(["test", *fit, *other]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"vit test: error: {last} was trained on the classes cat, dog, fox, but the data has dog, fox, zebra: "
+        "its outputs would be scored against other labels\n"
+    )
+    same = ["--data.train_dir", str(tmp_path / "a"), "--data.test_dir", str(tmp_path / "a"), "--ckpt_path", last]
+    assert main(["test", *fit, *same]) == 0
+
+
+@pytest.mark.parametrize("data_classes", [("cat", "dog", "fox"), ("ant", "bee", "cat")])
+def test_a_pretrained_head_follows_the_class_names_not_the_positions(tmp_path, data_classes, caplog):
+    tiny = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 3}
+    source = vit.VisionTransformer(vit.ViTConfig(**tiny))
+    torch.nn.init.normal_(source.head.weight)
+    torch.nn.init.normal_(source.head.bias)
+    vit.save_safetensors(source, tmp_path / "source.safetensors", class_names=["fox", "cat", "dog"])
+    write_image_folder(tmp_path / "data", classes=data_classes, per_class=4, size=16)
+    args = [
+        *("--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(tmp_path / "data")),
+        *("--model.model_name", "null", "--model.pretrained", str(tmp_path / "source.safetensors")),
+        *("--model.lr", "0", "--model.weight_decay", "0", "--data.num_workers", "0", "--data.batch_size", "4"),
+        *("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"),
+    ]
+    assert main(["fit", *args]) == 0  # a step at learning rate 0 leaves the weights as they started
+    head = vit.read_checkpoint("runs/imagefolder/version_0/checkpoints/last.ckpt").state_dict["head.weight"]
+    if data_classes == ("cat", "dog", "fox"):  # the same classes in another order: the rows move with their names
+        assert torch.equal(head, source.head.weight.detach()[[1, 2, 0]])
+        assert "reordered to the data's class order" in caplog.text
+    else:  # other classes: a new head, not fox/cat/dog's rows passed off as ant/bee/cat
+        assert not any(torch.equal(head[i], source.head.weight[j].detach()) for i in range(3) for j in range(3))
+        assert "a new 3-class head" in caplog.text
+
+
+def test_a_single_class_folder_is_one_line_at_setup(tmp_path, capsys):
+    write_image_folder(tmp_path / "photos", classes=("cat",), per_class=4, size=16)
+    assert (
+        main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(tmp_path / "photos")]) == 2
+    )
+    assert capsys.readouterr().err == (
+        f"vit fit: error: {tmp_path / 'photos'}: one class folder (cat); a classifier needs two or more\n"
+    )
+
+
+def test_a_class_folder_without_training_images_is_one_line(tmp_path, capsys):
+    write_image_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=4, size=16)
+    (tmp_path / "photos" / "eel").mkdir()
+    assert (
+        main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(tmp_path / "photos")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err == f"vit fit: error: {tmp_path / 'photos'}: no images in the class folder(s) eel\n"
+
+
+def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_own(tmp_path, capsys):
+    tiny = vit.VisionTransformer(vit.ViTConfig(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2))
+    vit.save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    write_image_folder(tmp_path / "data", per_class=4, size=16)
+    args = ["--data.train_dir", str(tmp_path / "data"), "--model.pretrained", str(tmp_path / "tiny.safetensors")]
+    assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), *args]) == 2  # model_name: vit_nano_patch4_32
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and err.endswith("--model.model_name null builds it\n")

@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.data import plain_data_config
 from vit.factory import create_model
 from vit.model import VisionTransformer, ViTConfig
-from vit.weights import read_checkpoint, transfer_weights
+from vit.weights import CheckpointError, _short_list, read_checkpoint, transfer_weights
 
 TRAINABLE_WHEN_FROZEN = ("head.", "fc_norm.")  # a frozen backbone still trains the classifier
 
@@ -110,15 +110,23 @@ class ViTClassifier(L.LightningModule):
     def _make_model(self) -> VisionTransformer:
         h = self.hparams
         overrides = dict(h.model_overrides or {})
+        source = h.model_name if h.pretrained is True else h.pretrained  # True: the timm tag in model_name
+        checkpoint = read_checkpoint(source) if source else None
+        self._pretrained_classes = checkpoint.class_names if checkpoint else None  # what its head was trained on
         if h.model_config is None and h.model_name is not None:
-            return create_model(
-                h.model_name,
-                pretrained=h.pretrained or False,
-                num_classes=h.num_classes,
-                img_size=h.img_size,
-                **overrides,
-            )
-        checkpoint = read_checkpoint(h.pretrained) if h.pretrained else None
+            # a pretrained model keeps the checkpoint's head until `setup` matches it to the data
+            classes = h.num_classes if h.num_classes is not None or checkpoint is None else checkpoint.num_classes
+            model = create_model(h.model_name, num_classes=classes, img_size=h.img_size, **overrides)
+            if checkpoint is not None:
+                try:
+                    transfer_weights(model, checkpoint)
+                except CheckpointError as e:
+                    if checkpoint.model_config is None:
+                        raise
+                    raise CheckpointError(
+                        f"{e}; the checkpoint carries its own architecture: --model.model_name null builds it"
+                    ) from None
+            return model
         config = h.model_config or (checkpoint.model_config if checkpoint else None)
         if config is None:
             where = f"{h.pretrained} carries no model config; " if checkpoint else ""
@@ -167,6 +175,7 @@ class ViTClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and getattr(datamodule, "class_names", None):
             self._match_classes(len(datamodule.class_names), type(datamodule).__name__)
+            self._match_pretrained_head(list(datamodule.class_names))
             self.class_names = list(datamodule.class_names)
         data_config = getattr(datamodule, "data_config", None)
         if data_config is not None:
@@ -194,7 +203,29 @@ class ViTClassifier(L.LightningModule):
             )
         self.model.reset_classifier(n)
         self._prepare_training_parts()
-        rank_zero_info(f"vit: a new {n}-class head for the data (the model had {have} outputs)")
+        if self.hparams.pretrained:  # a model built from scratch had a variant's default head: nothing to say
+            rank_zero_info(f"vit: a new {n}-class head for the data (the model had {have} outputs)")
+
+    def _match_pretrained_head(self, names: list[str]) -> None:
+        """A pretrained head as large as the data's class list, but trained on other names, must not pass for a
+        head of these classes: reorder its rows when the names are the same, else start a new head."""
+        source, self._pretrained_classes = self._pretrained_classes, None  # once, before training starts
+        hf_default = [f"LABEL_{i}" for i in range(len(names))]  # Hugging Face's marker for "no label names"
+        if not source or list(source) in (names, hf_default) or len(source) != len(names):
+            return
+        if sorted(source) == sorted(names):
+            order = torch.tensor([list(source).index(name) for name in names])
+            with torch.no_grad():
+                for p in self.model.head.parameters():
+                    p.copy_(p[order])
+            rank_zero_info(f"vit: the head of {self.hparams.pretrained} reordered to the data's class order")
+        else:
+            self.model.reset_classifier(len(names))
+            rank_zero_info(
+                f"vit: a new {len(names)}-class head: {self.hparams.pretrained} was trained on other classes "
+                f"({_short_list(list(source), 5)})"
+            )
+        self._prepare_training_parts()
 
     # --------------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -294,5 +325,12 @@ class ViTClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("vit") or {}
-        self.class_names = meta.get("class_names")
+        saved = meta.get("class_names")
+        if saved and self.class_names and list(saved) != list(self.class_names):  # the data's, set up just before
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(
+                f"{where} was trained on the classes {_short_list(list(saved), 5)}, but the data has "
+                f"{_short_list(list(self.class_names), 5)}: its outputs would be scored against other labels"
+            )
+        self.class_names = saved
         self.data_config = meta.get("data_config")

@@ -203,3 +203,20 @@ def test_rng_states_restore_every_generator_including_cached_gaussians():
     before = draw()
     set_rng_state(saved, torch.device("cpu"))
     assert draw() == before
+
+
+def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path):
+    marker = tmp_path / "paused"
+    pause = {"class_path": "_faults.PauseMidEpoch", "init_args": {"marker": str(marker), "epoch": 1, "batch": 1}}
+    command = [sys.executable, "-m", "vit.cli", "fit", *TINY, "--trainer.max_epochs", "3"]
+    proc = subprocess.Popen([*command, f"--trainer.callbacks+={json.dumps(pause)}"], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in epoch 1, after epoch 0's checkpoint
+    err = proc.communicate(timeout=60)[1]
+    last = tmp_path / "runs/digits/version_0/checkpoints/last.ckpt"
+    assert proc.returncode == 1, err[-3000:]
+    assert f"vit fit: stopped; {last.relative_to(tmp_path)} holds the last finished epoch: add --ckpt_path" in err
+    assert torch.load(last, weights_only=True)["epoch"] == 0

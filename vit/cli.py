@@ -207,6 +207,15 @@ def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """A `warnings.showwarning` that prints a warning as one line, as an error is, not Python's two with the
+    source line."""
+    # our callbacks' warnings start "vit: " so that they stand out among Lightning's; here the prefix says it
+    return lambda message, *_, **__: print(
+        f"vit {command}: warning: {str(message).removeprefix('vit: ')}", file=sys.stderr
+    )
+
+
 def _lightning_main(argv: list[str]) -> int:
     """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
     # We choose the loader processes on purpose (none for in-memory data without RandAugment, else cores - 1).
@@ -220,7 +229,9 @@ def _lightning_main(argv: list[str]) -> int:
     cli = _lightning_cli_class()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
     try:
-        cli(args=argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(argv[0])
+            cli(args=argv)
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning
@@ -250,7 +261,7 @@ def _lightning_cli_class() -> type:
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
     from vit.progress import RateLimitedRichProgressBar
-    from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint
+    from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint, SayHowToResume
     from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, WarnIfHalfPrecisionIsSlow, check_checkpoint
 
     class ViTLightningCLI(LightningCLI):
@@ -303,7 +314,7 @@ def _lightning_cli_class() -> type:
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
             callbacks = [*callbacks, self.last_checkpoint, *guards]
             if self.subcommand == "fit":
-                callbacks.append(RNGStateCheckpoint())
+                callbacks += [RNGStateCheckpoint(), SayHowToResume(self.last_checkpoint)]
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the user's wins
@@ -405,10 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():  # a warning is one line, as an error is, not Python's two with the source
-            warnings.showwarning = lambda message, *_, **__: print(
-                f"vit {args.command}: warning: {message}", file=sys.stderr
-            )
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
             return args.handler(args)
     except USER_ERRORS as e:
         print(f"vit {args.command}: error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,24 @@ class BestCheckpoint(ModelCheckpoint):
             return False
         tie = bool(torch.eq(current, self.best_k_models[self.kth_best_model_path]))
         return trainer.strategy.reduce_boolean_decision(tie)
+
+
+class SayHowToResume(Callback):
+    """When Ctrl-C stops `vit fit`, say which checkpoint holds the last finished epoch and how to go on from it."""
+
+    def __init__(self, last: ModelCheckpoint):
+        self.last = last
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        path = self.last.best_model_path
+        if path:
+            print(
+                f"vit fit: stopped; {path} holds the last finished epoch: add --ckpt_path {path} to resume",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "vit fit: stopped before the first epoch ended; there is no checkpoint to resume from", file=sys.stderr
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -325,6 +326,38 @@ def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
     with pytest.raises(vit.CheckpointError) as err:
         vit.read_checkpoint(path)
     assert "photo.ckpt: not a readable PyTorch checkpoint" in str(err.value) and "refused" not in str(err.value)
+
+
+def _junk() -> dict[str, bytes]:
+    """Bytes that are not a checkpoint, each tripping torch's weights-only unpickler in another way."""
+    real = io.BytesIO()
+    torch.save({"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2)}, real)
+    rng = np.random.default_rng(0)
+    return {
+        "text": b"text\n",  # IndexError: pop from empty list
+        "ab": b"ab",
+        "tex": b"tex",
+        "hello_world": b"hello world",  # KeyError: 101
+        "latin1": b"U\xdcb\xb7",  # UnicodeDecodeError
+        "short_int": b"J\xba?",  # struct.error
+        "truncated_pickle": pickle.dumps({"a": 1}, protocol=2)[:6],
+        "truncated_checkpoint": real.getvalue()[: len(real.getvalue()) // 2],
+        "int_keys": pickle.dumps({1: 2}, protocol=2),
+        "a_list": pickle.dumps([1, 2], protocol=2),
+        **{f"random{i}": rng.bytes(int(rng.integers(1, 64))) for i in range(40)},
+    }
+
+
+def test_junk_named_ckpt_is_one_line_not_a_traceback(tmp_path):
+    for name, data in _junk().items():
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(vit.CheckpointError) as err:
+            warnings.simplefilter("always")
+            vit.read_checkpoint(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message and "refused" not in message, name
+        assert not caught, f"{name}: {caught[0].message}"  # e.g. torch's 'Detected pickle protocol 132'
 
 
 class _Payload:

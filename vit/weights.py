@@ -115,7 +115,9 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # junk bytes read as "protocol 132": torch's note adds nothing to our error
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         reason = " ".join((found.group(1) if found else str(e)).split())[:200]
@@ -125,8 +127,9 @@ def _torch_load(path: Path) -> Any:
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
@@ -244,14 +247,14 @@ def _download(url: str) -> Path:
 def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Find the ViT inside a state dict by its patch-embedding key, strip any prefix, convert HF names."""
     for anchor in (TIMM_ANCHOR, HF_ANCHOR):
-        prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+        prefixes = [k[: -len(anchor)] for k in state if isinstance(k, str) and k.endswith(anchor)]
         if not prefixes:
             continue
         prefix = prefer_prefix if prefer_prefix in prefixes else min(prefixes, key=len)
         if anchor == TIMM_ANCHOR:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, source)
-    sample = ", ".join(list(state)[:5]) or "none"
+    sample = ", ".join(map(str, list(state)[:5])) or "none"
     raise CheckpointError(
         f"{source}: no ViT weights found (looked for '{TIMM_ANCHOR}' or Hugging Face's '{HF_ANCHOR}'; "
         f"first keys: {sample})"

@@ -328,6 +328,29 @@ def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
     assert "photo.ckpt: not a readable PyTorch checkpoint" in str(err.value) and "refused" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ("not json", r"not valid JSON"),
+        ("[1, 2]", r"not a JSON object"),
+        ('{"model_type": "vit"}', r"missing keys 'hidden_size', 'num_hidden_layers'"),
+        ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768, '
+         '"hidden_act": "relu"}', r"unsupported Hugging Face hidden_act 'relu'"),
+        ('{"hidden_size": "wide", "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768}',
+         r"not a valid ViT config"),
+        ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 5, "intermediate_size": 768}',
+         r"not a valid ViT config.*not divisible by num_heads"),
+    ],
+)  # fmt: skip
+def test_broken_hugging_face_config_is_one_line_naming_config_json(tmp_path, perturb, config, problem):
+    hf_vit(perturb).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(tmp_path)
+    assert re.match(re.escape(str(tmp_path / "config.json")) + ": " + problem, str(err.value)), str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def _junk() -> dict[str, bytes]:
     """Bytes that are not a checkpoint, each tripping torch's weights-only unpickler in another way."""
     real = io.BytesIO()

@@ -36,6 +36,7 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")  # no defaults
 # Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
 # transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
 HF_RENAMES = [
@@ -169,34 +170,51 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     weights = next((f for f in weight_files if f.is_file()), None)
     if weights is None or not config_file.is_file():
         raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
     checkpoint.source = str(path)
-    checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes)
-    if "id2label" in config and checkpoint.num_classes:
-        labels = {int(k): v for k, v in config["id2label"].items()}
-        checkpoint.class_names = [labels.get(i, str(i)) for i in range(checkpoint.num_classes)]
+    checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes, source=config_file)
+    if isinstance(config.get("id2label"), Mapping) and checkpoint.num_classes:
+        labels = {str(k): v for k, v in config["id2label"].items()}
+        checkpoint.class_names = [labels.get(str(i), str(i)) for i in range(checkpoint.num_classes)]
     return checkpoint
 
 
-def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object (found {type(config).__name__})")
+    return config
+
+
+def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0, source: Any = "<config>") -> dict[str, Any]:
     """A Hugging Face `ViTConfig` (as a dict) in our `ViTConfig` terms, `layer_norm_eps` included."""
     act = config.get("hidden_act", "gelu")
     if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"unsupported Hugging Face hidden_act {act!r}")
-    return ViTConfig(
-        img_size=config.get("image_size", 224),
-        patch_size=config.get("patch_size", 16),
-        in_chans=config.get("num_channels", 3),
-        num_classes=num_classes,
-        embed_dim=config["hidden_size"],
-        depth=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_ratio=config["intermediate_size"] / config["hidden_size"],
-        qkv_bias=config.get("qkv_bias", True),
-        norm_eps=config.get("layer_norm_eps", 1e-12),
-        act_layer=HF_ACTIVATIONS[act],
-    ).to_dict()
+        raise CheckpointError(
+            f"{source}: unsupported Hugging Face hidden_act {act!r} (supported: {', '.join(HF_ACTIVATIONS)})"
+        )
+    if missing := [k for k in HF_REQUIRED if k not in config]:
+        raise CheckpointError(f"{source}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    try:
+        return ViTConfig(
+            img_size=config.get("image_size", 224),
+            patch_size=config.get("patch_size", 16),
+            in_chans=config.get("num_channels", 3),
+            num_classes=num_classes,
+            embed_dim=config["hidden_size"],
+            depth=config["num_hidden_layers"],
+            num_heads=config["num_attention_heads"],
+            mlp_ratio=config["intermediate_size"] / config["hidden_size"],
+            qkv_bias=config.get("qkv_bias", True),
+            norm_eps=config.get("layer_norm_eps", 1e-12),
+            act_layer=HF_ACTIVATIONS[act],
+        ).to_dict()
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: not a valid ViT config ({e})") from None
 
 
 def _read_npz(path: Path) -> Checkpoint:

@@ -150,6 +150,48 @@ def test_hugging_face_layer_norm_eps_is_honoured(tmp_path, perturb):
     assert (logits(ignoring_eps, x) - expected).abs().max() > 1e-3  # so the check above can fail
 
 
+NORM = dict(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+HF_PROCESSORS = {  # (transformers class, settings saved with the folder, atol)
+    # the PIL backend (transformers 4's ViTImageProcessor) resizes with Pillow, as timm does: equal but for float32
+    "pil_bicubic": ("ViTImageProcessorPil", dict(resample=3, **NORM), 1e-6),
+    "pil_nearest_raw": ("ViTImageProcessorPil", dict(resample=0, do_normalize=False, rescale_factor=0.01), 1e-6),
+    "pil_no_rescale": ("ViTImageProcessorPil", dict(do_rescale=False, image_mean=[120] * 3, image_std=[60] * 3), 1e-5),
+    # transformers 5's default backend resizes uint8 tensors with torchvision, whose antialiased bilinear kernel
+    # rounds differently from Pillow's on a few per cent of values: at most one 8-bit level, 1 / 255 / std
+    "torchvision_bilinear": ("ViTImageProcessor", dict(resample=2, **NORM), 1 / 255 / 0.2 + 1e-6),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HF_PROCESSORS)
+def test_hugging_face_folder_preprocesses_as_its_image_processor(tmp_path, perturb, case):
+    processor_class, settings, atol = HF_PROCESSORS[case]
+    hf_vit(perturb).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 64, "width": 64}, **settings).save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)  # non-square noise: a crop, a kept aspect ratio or another kernel all show
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (123, 47))]
+    expected = getattr(transformers, processor_class).from_pretrained(tmp_path)(images, return_tensors="pt")
+    predictor = vit.Predictor.from_checkpoint(tmp_path)
+    ours = torch.stack([predictor.preprocess(image) for image in images])
+    torch.testing.assert_close(ours, expected.pixel_values, rtol=0, atol=atol)
+
+
+def test_hugging_face_processor_settings_we_cannot_mirror_warn_and_fall_back(tmp_path, perturb):
+    hf_vit(perturb).save_pretrained(tmp_path)
+    processor = tmp_path / "preprocessor_config.json"
+    processor.write_text('{"do_resize": false, "resample": 9, "image_mean": 0.5, "image_std": 0.25}')
+    with pytest.warns(UserWarning) as record:
+        checkpoint = vit.read_checkpoint(tmp_path)
+    assert [str(w.message) for w in record] == [
+        f"{processor}: cannot mirror do_resize false, resample 9; using a 64x64 bilinear resize instead"
+    ]
+    assert checkpoint.data_config == {"input_size": (3, 64, 64), "interpolation": "bilinear", "crop_pct": 1.0,
+                                      "crop_mode": "squash", "mean": (0.5,) * 3, "std": (0.25,) * 3}  # fmt: skip
+    for broken, problem in (("{", "not valid JSON"), ('{"image_mean": "grey"}', "image_mean 'grey' is not 3 numbers")):
+        processor.write_text(broken)  # a broken file is an error, as a broken config.json is
+        with pytest.raises(vit.CheckpointError, match=rf"^{re.escape(str(processor))}: {problem}"):
+            vit.read_checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("layout", ["files", "transformers5_modules"])
 @pytest.mark.parametrize("suffix", [".bin", ".pth"])
 def test_hugging_face_state_dict_file_loads_into_a_matching_model(tmp_path, perturb, layout, suffix):

@@ -36,6 +36,7 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # by PIL's ints
 HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")  # no defaults
 # Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
 # transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
@@ -174,6 +175,10 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
     checkpoint.source = str(path)
     checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes, source=config_file)
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():
+        cfg = checkpoint.model_config
+        checkpoint.data_config = hf_preprocessing(_read_json(processor), cfg["img_size"], cfg["in_chans"], processor)
     if isinstance(config.get("id2label"), Mapping) and checkpoint.num_classes:
         labels = {str(k): v for k, v in config["id2label"].items()}
         checkpoint.class_names = [labels.get(str(i), str(i)) for i in range(checkpoint.num_classes)]
@@ -215,6 +220,60 @@ def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0, source: An
         ).to_dict()
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{source}: not a valid ViT config ({e})") from None
+
+
+def hf_preprocessing(
+    config: Mapping[str, Any], img_size: int | tuple[int, int], in_chans: int = 3, source: Any = "<processor>"
+) -> dict[str, Any]:
+    """A Hugging Face `ViTImageProcessor` config (preprocessor_config.json) in timm's data-config terms."""
+    # HF resizes straight to `size` (timm's 'squash' with crop_pct 1), then computes (x * rescale_factor - mean) / std
+    # where timm computes (x / 255 - mean) / std: mean and std absorb the difference, and do_normalize false is 0, 1.
+    # What cannot be mirrored warns and falls back rather than failing: the weights are fine, and a warning says
+    # why predictions may differ slightly from transformers'.
+    cannot, hw = [], (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = config.get("size")
+    size = {"height": size, "width": size} if isinstance(size, int) else size  # older files: one int
+    size = (size.get("height"), size.get("width")) if isinstance(size, Mapping) else (None, None)
+    if not config.get("do_resize", True):
+        cannot.append("do_resize false")
+    elif all(isinstance(side, int) and side > 0 for side in size):
+        hw = size
+    elif config.get("size") is not None:  # e.g. {'shortest_edge': 224}: sizes that vary with the image
+        cannot.append(f"size {config['size']!r}")
+    if config.get("do_center_crop"):
+        cannot.append("do_center_crop true")
+    resample = config.get("resample", 2)
+    if not isinstance(resample, int) or resample not in PIL_RESAMPLE:
+        cannot.append(f"resample {resample!r}")
+        resample = 2  # ViTImageProcessor's default
+    if cannot:
+        warnings.warn(
+            f"{source}: cannot mirror {', '.join(cannot)}; using a {hw[0]}x{hw[1]} {PIL_RESAMPLE[resample]} resize "
+            "instead",
+            stacklevel=3,
+        )
+    numbers = lambda key, default, n=in_chans: _numbers(config.get(key, default), n, key, source)
+    scale = 255 * numbers("rescale_factor", 1 / 255, 1)[0] if config.get("do_rescale", True) else 255
+    normalize = config.get("do_normalize", True)
+    mean, std = (
+        (numbers("image_mean", 0.5), numbers("image_std", 0.5)) if normalize else ([0.0] * in_chans, [1.0] * in_chans)
+    )
+    return {
+        "input_size": (in_chans, *hw),
+        "interpolation": PIL_RESAMPLE[resample],
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+        "mean": tuple(m / scale for m in mean),
+        "std": tuple(s / scale for s in std),
+    }
+
+
+def _numbers(value: Any, n: int, key: str, source: Any) -> list[float]:
+    """`n` numbers from a config value: a list of them, or one number that serves all."""
+    values = [value] * n if isinstance(value, (int, float)) else value
+    if not (isinstance(values, list) and len(values) == n and all(isinstance(v, (int, float)) for v in values)):
+        raise CheckpointError(f"{source}: {key} {value!r} is not " + ("a number" if n == 1 else f"{n} numbers"))
+    return values
 
 
 def _read_npz(path: Path) -> Checkpoint:

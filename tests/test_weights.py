@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -464,30 +466,106 @@ def test_model_config_that_is_not_ours_is_a_checkpoint_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ hub and URLs
-def test_timm_hub_tag_loads_through_timms_hub_code_offline(tmp_path, monkeypatch, perturb, batch_for):
-    """A fake Hugging Face cache holding random weights: loading them proves the tag went through the hub."""
+TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+PROXY_VARIABLES = [v for name in ("https_proxy", "http_proxy", "all_proxy") for v in (name, name.upper())]
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, perturb) -> torch.nn.Module:
+    """A fake Hugging Face cache holding random weights for TAG (loading them proves the tag went through the
+    hub code); returns the timm model whose weights they are."""
     import huggingface_hub.constants as hub
 
-    tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     cache = tmp_path / "hf" / "hub"
-    repo = cache / f"models--timm--{tag}"
+    repo = cache / f"models--timm--{TAG}"
     (repo / "snapshots" / "0123abc").mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abc")
     reference = perturb(timm.create_model(NAME)).eval()
     save_file(reference.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
-    for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1")):
+    for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", cache)):
         monkeypatch.setenv(var, str(value))
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the variables at import
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return reference
 
-    model = vit.create_model(tag, pretrained=True)
+
+@pytest.fixture
+def closed_hub(monkeypatch) -> str:
+    """huggingface_hub pointed (as HF_ENDPOINT would at import) at a local port nobody listens on, no proxy, not
+    in offline mode: an unreachable Hub, without leaving the machine."""
+    import huggingface_hub.constants as hub
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in (*PROXY_VARIABLES, "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    return endpoint
+
+
+def test_timm_hub_tag_loads_through_timms_hub_code_offline(monkeypatch, hub_cache, batch_for):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model = vit.create_model(TAG, pretrained=True)
     x = batch_for(model, batch=1)
-    torch.testing.assert_close(logits(model, x), logits(reference, x), rtol=0, atol=TOL)
-    checkpoint = vit.read_checkpoint(tag)
+    torch.testing.assert_close(logits(model, x), logits(hub_cache, x), rtol=0, atol=TOL)
+    checkpoint = vit.read_checkpoint(TAG)
     assert len(checkpoint.class_names) == 1000 and checkpoint.data_config["input_size"] == (3, 224, 224)
     with pytest.raises(vit.CheckpointError, match=r"^vit_tiny_patch16_384\.augreg_in21k_ft_in1k: could not fetch"):
         vit.read_checkpoint("timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k")  # not in the cache, and offline
+
+
+def test_cached_timm_weights_load_without_a_request_when_the_hub_is_unreachable(
+    monkeypatch, hub_cache, closed_hub, batch_for
+):
+    import httpx2  # huggingface_hub's HTTP client
+
+    monkeypatch.setattr(httpx2.HTTPTransport, "handle_request", lambda *a, **k: pytest.fail("an HTTP request"))
+    model = vit.create_model(TAG, pretrained=True)  # HF_HUB_OFFLINE unset: the cache must serve without asking
+    x = batch_for(model, batch=1)
+    torch.testing.assert_close(logits(model, x), logits(hub_cache, x), rtol=0, atol=TOL)
+
+
+def test_uncached_timm_weights_fail_fast_when_the_hub_is_unreachable(tmp_path, monkeypatch, closed_hub, caplog):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    start = time.monotonic()
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(NAME)
+    assert time.monotonic() - start < 5 and "Retrying" not in caplog.text
+    message = str(err.value)
+    assert (
+        message.startswith(f"{NAME}: could not fetch timm weights: {closed_hub} is unreachable (")
+        and "\n" not in message
+    )
+    assert "not in the Hugging Face cache" in message and "--checkpoint PATH" in message
+
+
+def test_hub_probe_leaves_proxies_to_decide_and_sees_a_listening_endpoint(monkeypatch, closed_hub):
+    from vit.hub import hub_unreachable
+
+    assert "Connection refused" in hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # only the proxy knows whether the Hub answers
+    assert hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable() is None
+
+
+@pytest.mark.parametrize("source", ["not_a_model_name", "hfvit_typo"])
+def test_a_name_that_is_neither_a_path_nor_a_timm_model_says_so(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("asked the network"))
+    with pytest.raises(vit.CheckpointError, match=rf"^{source}: no such file or folder, and not a timm model name "
+                                                  r"\(see `vit models`\)$"):  # fmt: skip
+        vit.read_checkpoint(source)
 
 
 def test_file_url_is_downloaded_into_the_hub_cache_and_read(tmp_path, monkeypatch, timm_file, batch_for):

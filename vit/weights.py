@@ -288,14 +288,27 @@ def _read_npz(path: Path) -> Checkpoint:
 def _read_timm_hub(tag: str) -> Checkpoint:
     """A timm name or tag (`vit_base_patch16_224.augreg2_in21k_ft_in1k`), fetched through timm's hub code."""
     import timm
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
     from vit.factory import VARIANTS
+    from vit.hub import hub_offline, hub_unreachable
 
     tag = tag.removeprefix("timm/")
+    if not tag.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(tag):  # a typo, not a download to try
+        raise CheckpointError(f"{tag}: no such file or folder, and not a timm model name (see `vit models`)")
+    offline = "offline mode is on (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode() else hub_unreachable()
     try:
-        reference = timm.create_model(tag, pretrained=True)
+        with hub_offline(offline is not None):
+            reference = timm.create_model(tag, pretrained=True)
     except Exception as e:
+        if offline and isinstance(e, LocalEntryNotFoundError):
+            raise CheckpointError(
+                f"{tag}: could not fetch timm weights: {offline}, and they are not in the Hugging Face cache; pass a "
+                "local weights file or folder instead (--model.pretrained path/to/model.safetensors, --checkpoint "
+                "PATH), or download them on a connected machine"
+            ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None
     state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT

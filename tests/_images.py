@@ -40,9 +40,11 @@ def write_broken_images(folder: Path) -> list[Path]:
     return [garbage, truncated]
 
 
-def write_cifar10(root: Path, per_batch: int = 8, seed: int = 0) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
-    """torchvision's on-disk CIFAR-10 layout (root/cifar-10-batches-py/, pickled dicts of numpy arrays).
-    Returns (train images NHWC, train labels, test images, test labels)."""
+def write_cifar10(
+    root: Path, per_batch: int = 8, seed: int = 0, protocol: int = pickle.DEFAULT_PROTOCOL
+) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+    """torchvision's on-disk CIFAR-10 layout (root/cifar-10-batches-py/, pickled dicts of numpy arrays), pickled
+    with `protocol`. Returns (train images NHWC, train labels, test images, test labels)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -51,12 +53,12 @@ def write_cifar10(root: Path, per_batch: int = 8, seed: int = 0) -> tuple[np.nda
         data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)  # rows are R, G, B planes
         labels = rng.integers(0, 10, per_batch).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+            pickle.dump({"batch_label": name.encode(), "data": data, "labels": labels}, f, protocol=protocol)
         return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     test_images, test_labels = batch("test_batch")
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch}, f)
+        pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch}, f, protocol=protocol)
     train_images = np.concatenate([images for images, _ in train])
     return train_images, [y for _, labels in train for y in labels], test_images, test_labels

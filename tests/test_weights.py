@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -147,6 +150,48 @@ def test_hugging_face_layer_norm_eps_is_honoured(tmp_path, perturb):
     ignoring_eps = vit.VisionTransformer(vit.ViTConfig(**{**model.cfg.to_dict(), "norm_eps": 1e-6}))
     ignoring_eps.load_state_dict(model.state_dict())
     assert (logits(ignoring_eps, x) - expected).abs().max() > 1e-3  # so the check above can fail
+
+
+NORM = dict(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+HF_PROCESSORS = {  # (transformers class, settings saved with the folder, atol)
+    # the PIL backend (transformers 4's ViTImageProcessor) resizes with Pillow, as timm does: equal but for float32
+    "pil_bicubic": ("ViTImageProcessorPil", dict(resample=3, **NORM), 1e-6),
+    "pil_nearest_raw": ("ViTImageProcessorPil", dict(resample=0, do_normalize=False, rescale_factor=0.01), 1e-6),
+    "pil_no_rescale": ("ViTImageProcessorPil", dict(do_rescale=False, image_mean=[120] * 3, image_std=[60] * 3), 1e-5),
+    # transformers 5's default backend resizes uint8 tensors with torchvision, whose antialiased bilinear kernel
+    # rounds differently from Pillow's on a few per cent of values: at most one 8-bit level, 1 / 255 / std
+    "torchvision_bilinear": ("ViTImageProcessor", dict(resample=2, **NORM), 1 / 255 / 0.2 + 1e-6),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HF_PROCESSORS)
+def test_hugging_face_folder_preprocesses_as_its_image_processor(tmp_path, perturb, case):
+    processor_class, settings, atol = HF_PROCESSORS[case]
+    hf_vit(perturb).save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 64, "width": 64}, **settings).save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)  # non-square noise: a crop, a kept aspect ratio or another kernel all show
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (123, 47))]
+    expected = getattr(transformers, processor_class).from_pretrained(tmp_path)(images, return_tensors="pt")
+    predictor = vit.Predictor.from_checkpoint(tmp_path)
+    ours = torch.stack([predictor.preprocess(image) for image in images])
+    torch.testing.assert_close(ours, expected.pixel_values, rtol=0, atol=atol)
+
+
+def test_hugging_face_processor_settings_we_cannot_mirror_warn_and_fall_back(tmp_path, perturb):
+    hf_vit(perturb).save_pretrained(tmp_path)
+    processor = tmp_path / "preprocessor_config.json"
+    processor.write_text('{"do_resize": false, "resample": 9, "image_mean": 0.5, "image_std": 0.25}')
+    with pytest.warns(UserWarning) as record:
+        checkpoint = vit.read_checkpoint(tmp_path)
+    assert [str(w.message) for w in record] == [
+        f"{processor}: cannot mirror do_resize false, resample 9; using a 64x64 bilinear resize instead"
+    ]
+    assert checkpoint.data_config == {"input_size": (3, 64, 64), "interpolation": "bilinear", "crop_pct": 1.0,
+                                      "crop_mode": "squash", "mean": (0.5,) * 3, "std": (0.25,) * 3}  # fmt: skip
+    for broken, problem in (("{", "not valid JSON"), ('{"image_mean": "grey"}', "image_mean 'grey' is not 3 numbers")):
+        processor.write_text(broken)  # a broken file is an error, as a broken config.json is
+        with pytest.raises(vit.CheckpointError, match=rf"^{re.escape(str(processor))}: {problem}"):
+            vit.read_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["files", "transformers5_modules"])
@@ -327,6 +372,61 @@ def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
     assert "photo.ckpt: not a readable PyTorch checkpoint" in str(err.value) and "refused" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ("not json", r"not valid JSON"),
+        ("[1, 2]", r"not a JSON object"),
+        ('{"model_type": "vit"}', r"missing keys 'hidden_size', 'num_hidden_layers'"),
+        ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768, '
+         '"hidden_act": "relu"}', r"unsupported Hugging Face hidden_act 'relu'"),
+        ('{"hidden_size": "wide", "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768}',
+         r"not a valid ViT config"),
+        ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 5, "intermediate_size": 768}',
+         r"not a valid ViT config.*not divisible by num_heads"),
+    ],
+)  # fmt: skip
+def test_broken_hugging_face_config_is_one_line_naming_config_json(tmp_path, perturb, config, problem):
+    hf_vit(perturb).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(tmp_path)
+    assert re.match(re.escape(str(tmp_path / "config.json")) + ": " + problem, str(err.value)), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _junk() -> dict[str, bytes]:
+    """Bytes that are not a checkpoint, each tripping torch's weights-only unpickler in another way."""
+    real = io.BytesIO()
+    torch.save({"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2)}, real)
+    rng = np.random.default_rng(0)
+    return {
+        "text": b"text\n",  # IndexError: pop from empty list
+        "ab": b"ab",
+        "tex": b"tex",
+        "hello_world": b"hello world",  # KeyError: 101
+        "latin1": b"U\xdcb\xb7",  # UnicodeDecodeError
+        "short_int": b"J\xba?",  # struct.error
+        "truncated_pickle": pickle.dumps({"a": 1}, protocol=2)[:6],
+        "truncated_checkpoint": real.getvalue()[: len(real.getvalue()) // 2],
+        "int_keys": pickle.dumps({1: 2}, protocol=2),
+        "a_list": pickle.dumps([1, 2], protocol=2),
+        **{f"random{i}": rng.bytes(int(rng.integers(1, 64))) for i in range(40)},
+    }
+
+
+def test_junk_named_ckpt_is_one_line_not_a_traceback(tmp_path):
+    for name, data in _junk().items():
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(vit.CheckpointError) as err:
+            warnings.simplefilter("always")
+            vit.read_checkpoint(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message and "refused" not in message, name
+        assert not caught, f"{name}: {caught[0].message}"  # e.g. torch's 'Detected pickle protocol 132'
+
+
 class _Payload:
     """Unpickling this writes a marker file: the attack a `.pth` from a stranger could carry."""
 
@@ -366,30 +466,106 @@ def test_model_config_that_is_not_ours_is_a_checkpoint_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ hub and URLs
-def test_timm_hub_tag_loads_through_timms_hub_code_offline(tmp_path, monkeypatch, perturb, batch_for):
-    """A fake Hugging Face cache holding random weights: loading them proves the tag went through the hub."""
+TAG = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+PROXY_VARIABLES = [v for name in ("https_proxy", "http_proxy", "all_proxy") for v in (name, name.upper())]
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, perturb) -> torch.nn.Module:
+    """A fake Hugging Face cache holding random weights for TAG (loading them proves the tag went through the
+    hub code); returns the timm model whose weights they are."""
     import huggingface_hub.constants as hub
 
-    tag = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
     cache = tmp_path / "hf" / "hub"
-    repo = cache / f"models--timm--{tag}"
+    repo = cache / f"models--timm--{TAG}"
     (repo / "snapshots" / "0123abc").mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abc")
     reference = perturb(timm.create_model(NAME)).eval()
     save_file(reference.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
-    for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1")):
+    for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", cache)):
         monkeypatch.setenv(var, str(value))
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the variables at import
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return reference
 
-    model = vit.create_model(tag, pretrained=True)
+
+@pytest.fixture
+def closed_hub(monkeypatch) -> str:
+    """huggingface_hub pointed (as HF_ENDPOINT would at import) at a local port nobody listens on, no proxy, not
+    in offline mode: an unreachable Hub, without leaving the machine."""
+    import huggingface_hub.constants as hub
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in (*PROXY_VARIABLES, "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    return endpoint
+
+
+def test_timm_hub_tag_loads_through_timms_hub_code_offline(monkeypatch, hub_cache, batch_for):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model = vit.create_model(TAG, pretrained=True)
     x = batch_for(model, batch=1)
-    torch.testing.assert_close(logits(model, x), logits(reference, x), rtol=0, atol=TOL)
-    checkpoint = vit.read_checkpoint(tag)
+    torch.testing.assert_close(logits(model, x), logits(hub_cache, x), rtol=0, atol=TOL)
+    checkpoint = vit.read_checkpoint(TAG)
     assert len(checkpoint.class_names) == 1000 and checkpoint.data_config["input_size"] == (3, 224, 224)
     with pytest.raises(vit.CheckpointError, match=r"^vit_tiny_patch16_384\.augreg_in21k_ft_in1k: could not fetch"):
         vit.read_checkpoint("timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k")  # not in the cache, and offline
+
+
+def test_cached_timm_weights_load_without_a_request_when_the_hub_is_unreachable(
+    monkeypatch, hub_cache, closed_hub, batch_for
+):
+    import httpx2  # huggingface_hub's HTTP client
+
+    monkeypatch.setattr(httpx2.HTTPTransport, "handle_request", lambda *a, **k: pytest.fail("an HTTP request"))
+    model = vit.create_model(TAG, pretrained=True)  # HF_HUB_OFFLINE unset: the cache must serve without asking
+    x = batch_for(model, batch=1)
+    torch.testing.assert_close(logits(model, x), logits(hub_cache, x), rtol=0, atol=TOL)
+
+
+def test_uncached_timm_weights_fail_fast_when_the_hub_is_unreachable(tmp_path, monkeypatch, closed_hub, caplog):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    start = time.monotonic()
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(NAME)
+    assert time.monotonic() - start < 5 and "Retrying" not in caplog.text
+    message = str(err.value)
+    assert (
+        message.startswith(f"{NAME}: could not fetch timm weights: {closed_hub} is unreachable (")
+        and "\n" not in message
+    )
+    assert "not in the Hugging Face cache" in message and "--checkpoint PATH" in message
+
+
+def test_hub_probe_leaves_proxies_to_decide_and_sees_a_listening_endpoint(monkeypatch, closed_hub):
+    from vit.hub import hub_unreachable
+
+    assert "Connection refused" in hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # only the proxy knows whether the Hub answers
+    assert hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable() is None
+
+
+@pytest.mark.parametrize("source", ["not_a_model_name", "hfvit_typo"])
+def test_a_name_that_is_neither_a_path_nor_a_timm_model_says_so(tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("asked the network"))
+    with pytest.raises(vit.CheckpointError, match=rf"^{source}: no such file or folder, and not a timm model name "
+                                                  r"\(see `vit models`\)$"):  # fmt: skip
+        vit.read_checkpoint(source)
 
 
 def test_file_url_is_downloaded_into_the_hub_cache_and_read(tmp_path, monkeypatch, timm_file, batch_for):

@@ -236,6 +236,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "scalar"),
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
+            ("_codecs", "encode"),  # Python 3's protocol-2 bytes; a pure function, as torch's weights_only allows
         }
     )
 

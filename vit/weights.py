@@ -36,6 +36,8 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # by PIL's ints
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")  # no defaults
 # Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
 # transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
 HF_RENAMES = [
@@ -115,7 +117,9 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # junk bytes read as "protocol 132": torch's note adds nothing to our error
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         reason = " ".join((found.group(1) if found else str(e)).split())[:200]
@@ -125,8 +129,9 @@ def _torch_load(path: Path) -> Any:
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
@@ -166,34 +171,109 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     weights = next((f for f in weight_files if f.is_file()), None)
     if weights is None or not config_file.is_file():
         raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
     checkpoint.source = str(path)
-    checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes)
-    if "id2label" in config and checkpoint.num_classes:
-        labels = {int(k): v for k, v in config["id2label"].items()}
-        checkpoint.class_names = [labels.get(i, str(i)) for i in range(checkpoint.num_classes)]
+    checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes, source=config_file)
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():
+        cfg = checkpoint.model_config
+        checkpoint.data_config = hf_preprocessing(_read_json(processor), cfg["img_size"], cfg["in_chans"], processor)
+    if isinstance(config.get("id2label"), Mapping) and checkpoint.num_classes:
+        labels = {str(k): v for k, v in config["id2label"].items()}
+        checkpoint.class_names = [labels.get(str(i), str(i)) for i in range(checkpoint.num_classes)]
     return checkpoint
 
 
-def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object (found {type(config).__name__})")
+    return config
+
+
+def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0, source: Any = "<config>") -> dict[str, Any]:
     """A Hugging Face `ViTConfig` (as a dict) in our `ViTConfig` terms, `layer_norm_eps` included."""
     act = config.get("hidden_act", "gelu")
     if act not in HF_ACTIVATIONS:
-        raise CheckpointError(f"unsupported Hugging Face hidden_act {act!r}")
-    return ViTConfig(
-        img_size=config.get("image_size", 224),
-        patch_size=config.get("patch_size", 16),
-        in_chans=config.get("num_channels", 3),
-        num_classes=num_classes,
-        embed_dim=config["hidden_size"],
-        depth=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_ratio=config["intermediate_size"] / config["hidden_size"],
-        qkv_bias=config.get("qkv_bias", True),
-        norm_eps=config.get("layer_norm_eps", 1e-12),
-        act_layer=HF_ACTIVATIONS[act],
-    ).to_dict()
+        raise CheckpointError(
+            f"{source}: unsupported Hugging Face hidden_act {act!r} (supported: {', '.join(HF_ACTIVATIONS)})"
+        )
+    if missing := [k for k in HF_REQUIRED if k not in config]:
+        raise CheckpointError(f"{source}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    try:
+        return ViTConfig(
+            img_size=config.get("image_size", 224),
+            patch_size=config.get("patch_size", 16),
+            in_chans=config.get("num_channels", 3),
+            num_classes=num_classes,
+            embed_dim=config["hidden_size"],
+            depth=config["num_hidden_layers"],
+            num_heads=config["num_attention_heads"],
+            mlp_ratio=config["intermediate_size"] / config["hidden_size"],
+            qkv_bias=config.get("qkv_bias", True),
+            norm_eps=config.get("layer_norm_eps", 1e-12),
+            act_layer=HF_ACTIVATIONS[act],
+        ).to_dict()
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: not a valid ViT config ({e})") from None
+
+
+def hf_preprocessing(
+    config: Mapping[str, Any], img_size: int | tuple[int, int], in_chans: int = 3, source: Any = "<processor>"
+) -> dict[str, Any]:
+    """A Hugging Face `ViTImageProcessor` config (preprocessor_config.json) in timm's data-config terms."""
+    # HF resizes straight to `size` (timm's 'squash' with crop_pct 1), then computes (x * rescale_factor - mean) / std
+    # where timm computes (x / 255 - mean) / std: mean and std absorb the difference, and do_normalize false is 0, 1.
+    # What cannot be mirrored warns and falls back rather than failing: the weights are fine, and a warning says
+    # why predictions may differ slightly from transformers'.
+    cannot, hw = [], (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = config.get("size")
+    size = {"height": size, "width": size} if isinstance(size, int) else size  # older files: one int
+    size = (size.get("height"), size.get("width")) if isinstance(size, Mapping) else (None, None)
+    if not config.get("do_resize", True):
+        cannot.append("do_resize false")
+    elif all(isinstance(side, int) and side > 0 for side in size):
+        hw = size
+    elif config.get("size") is not None:  # e.g. {'shortest_edge': 224}: sizes that vary with the image
+        cannot.append(f"size {config['size']!r}")
+    if config.get("do_center_crop"):
+        cannot.append("do_center_crop true")
+    resample = config.get("resample", 2)
+    if not isinstance(resample, int) or resample not in PIL_RESAMPLE:
+        cannot.append(f"resample {resample!r}")
+        resample = 2  # ViTImageProcessor's default
+    if cannot:
+        warnings.warn(
+            f"{source}: cannot mirror {', '.join(cannot)}; using a {hw[0]}x{hw[1]} {PIL_RESAMPLE[resample]} resize "
+            "instead",
+            stacklevel=3,
+        )
+    numbers = lambda key, default, n=in_chans: _numbers(config.get(key, default), n, key, source)
+    scale = 255 * numbers("rescale_factor", 1 / 255, 1)[0] if config.get("do_rescale", True) else 255
+    normalize = config.get("do_normalize", True)
+    mean, std = (
+        (numbers("image_mean", 0.5), numbers("image_std", 0.5)) if normalize else ([0.0] * in_chans, [1.0] * in_chans)
+    )
+    return {
+        "input_size": (in_chans, *hw),
+        "interpolation": PIL_RESAMPLE[resample],
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+        "mean": tuple(m / scale for m in mean),
+        "std": tuple(s / scale for s in std),
+    }
+
+
+def _numbers(value: Any, n: int, key: str, source: Any) -> list[float]:
+    """`n` numbers from a config value: a list of them, or one number that serves all."""
+    values = [value] * n if isinstance(value, (int, float)) else value
+    if not (isinstance(values, list) and len(values) == n and all(isinstance(v, (int, float)) for v in values)):
+        raise CheckpointError(f"{source}: {key} {value!r} is not " + ("a number" if n == 1 else f"{n} numbers"))
+    return values
 
 
 def _read_npz(path: Path) -> Checkpoint:
@@ -208,14 +288,27 @@ def _read_npz(path: Path) -> Checkpoint:
 def _read_timm_hub(tag: str) -> Checkpoint:
     """A timm name or tag (`vit_base_patch16_224.augreg2_in21k_ft_in1k`), fetched through timm's hub code."""
     import timm
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
     from vit.factory import VARIANTS
+    from vit.hub import hub_offline, hub_unreachable
 
     tag = tag.removeprefix("timm/")
+    if not tag.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(tag):  # a typo, not a download to try
+        raise CheckpointError(f"{tag}: no such file or folder, and not a timm model name (see `vit models`)")
+    offline = "offline mode is on (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode() else hub_unreachable()
     try:
-        reference = timm.create_model(tag, pretrained=True)
+        with hub_offline(offline is not None):
+            reference = timm.create_model(tag, pretrained=True)
     except Exception as e:
+        if offline and isinstance(e, LocalEntryNotFoundError):
+            raise CheckpointError(
+                f"{tag}: could not fetch timm weights: {offline}, and they are not in the Hugging Face cache; pass a "
+                "local weights file or folder instead (--model.pretrained path/to/model.safetensors, --checkpoint "
+                "PATH), or download them on a connected machine"
+            ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None
     state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
@@ -244,14 +337,14 @@ def _download(url: str) -> Path:
 def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Find the ViT inside a state dict by its patch-embedding key, strip any prefix, convert HF names."""
     for anchor in (TIMM_ANCHOR, HF_ANCHOR):
-        prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+        prefixes = [k[: -len(anchor)] for k in state if isinstance(k, str) and k.endswith(anchor)]
         if not prefixes:
             continue
         prefix = prefer_prefix if prefer_prefix in prefixes else min(prefixes, key=len)
         if anchor == TIMM_ANCHOR:
             return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, source)
-    sample = ", ".join(list(state)[:5]) or "none"
+    sample = ", ".join(map(str, list(state)[:5])) or "none"
     raise CheckpointError(
         f"{source}: no ViT weights found (looked for '{TIMM_ANCHOR}' or Hugging Face's '{HF_ANCHOR}'; "
         f"first keys: {sample})"

@@ -157,10 +157,9 @@ def _attention(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
 
     from vit.explain import explain
+    from vit.predict import Predictor, describe_error
     from vit.visualize import attention_figure
     from vit.weights import load_model
 
@@ -170,29 +169,24 @@ def _attention(args: argparse.Namespace) -> int:
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
     if not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"{args.out}: the folder {Path(args.out).parent} does not exist")
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{args.image}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{args.image}: not a readable image ({e})") from None
     model, checkpoint = load_model(args.checkpoint)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
-    model.eval()
-    # The checkpoint's own preprocessing (timm's data-config form); the model's defaults when it has none.
-    data_config = resolve_data_config(pretrained_cfg=dict(checkpoint.data_config or {}), model=model)
-    x = create_transform(**data_config)(image.convert("L" if model.cfg.in_chans == 1 else "RGB"))[None]
+    # predict's reading and preprocessing, so that both commands see the same pixels and predict the same class
+    predictor = Predictor(model, class_names=checkpoint.class_names, data_config=checkpoint.data_config)
+    try:
+        x = predictor.preprocess(args.image)[None]
+    except Exception as e:  # as in predict: an input that cannot be read is a failed input (status 1), in one line
+        print(f"vit attention: error: {args.image}: {describe_error(e)}", file=sys.stderr)
+        return 1
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     index = int(probs.argmax()) if args.target is None else args.target
     if not 0 <= index < model.num_classes:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
     heat = explain(model, x, method, target=index, **chosen)[0]
-    names = checkpoint.class_names
-    label = names[index] if names and index < len(names) else str(index)
-    mean, std = (torch.tensor(data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    label = predictor.label(index)
+    mean, std = (torch.tensor(predictor.data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
     shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
     title = f"{label} (class {index}, p={probs[index]:.3f})"
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())

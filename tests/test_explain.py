@@ -430,3 +430,23 @@ def test_cli_attention_reports_an_unreadable_image_as_predict_does(
     status = vit.cli.main(["attention", image, "-c", str(path), "--out", str(tmp_path / "x.png")])
     assert status == 1 and capsys.readouterr().err == f"vit attention: error: {image}: {error}\n"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_attention_names_the_file_it_wrote_and_takes_o(checkpoint, tmp_path, capsys):
+    _, path, image = checkpoint
+    assert vit.cli.main(["attention", str(image), "-c", str(path), "-o", str(tmp_path / "map")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'map.png'}"
+    with Image.open(tmp_path / "map.png") as figure:
+        assert figure.format == "PNG"
+
+
+@pytest.mark.parametrize("out, message", [("", "is a folder"), ("map.xyz", "'xyz'")])
+def test_cli_attention_refuses_an_out_it_cannot_write_in_one_line(checkpoint, tmp_path, capsys, out, message):
+    _, path, image = checkpoint
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    status = vit.cli.main(["attention", str(image), "-c", str(path), "--out", str(folder / out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("vit attention: error: ") and message in err
+    assert len(err.splitlines()) == 1 and sorted(tmp_path.iterdir()) == sorted([folder, path, image])
+    assert not any(folder.iterdir())

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vit.weights import CheckpointError
@@ -118,8 +119,6 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vit.export import FORMATS, export_checkpoint, onnx_logit_difference
 
     fmt = args.format or Path(args.out).suffix.lstrip(".")
@@ -146,7 +145,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
     p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
-    p.add_argument("--out", required=True, help="the figure to write, e.g. attention.png")
+    p.add_argument("--out", "-o", required=True, help="the figure to write, e.g. attention.png (.png when no suffix)")
     p.set_defaults(handler=_attention)
 
 
@@ -154,8 +153,6 @@ def _attention(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from pathlib import Path
-
     import torch
 
     from vit.explain import explain
@@ -167,8 +164,7 @@ def _attention(args: argparse.Namespace) -> int:
     method = args.method or ("raw" if chosen else "rollout")
     if chosen and method != "raw":
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
-    if not Path(args.out).parent.is_dir():
-        raise FileNotFoundError(f"{args.out}: the folder {Path(args.out).parent} does not exist")
+    out = _figure_path(args.out)
     model, checkpoint = load_model(args.checkpoint)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
@@ -190,11 +186,28 @@ def _attention(args: argparse.Namespace) -> int:
     shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
     title = f"{label} (class {index}, p={probs[index]:.3f})"
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
-    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(args.out, dpi=120)
+    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(out, dpi=120)
     kind = "predicted" if args.target is None else "target"
     print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
+
+
+def _figure_path(out: str) -> Path:
+    """The file `savefig(out)` will write, refused up front when it is a folder or a format matplotlib lacks."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    if path.is_dir():  # savefig would write '<folder>.png' beside it
+        raise ValueError(f"{out} is a folder: give the figure's file name, e.g. {path / 'attention.png'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{out}: the folder {path.parent} does not exist")
+    fmt = path.suffix.lstrip(".").lower()
+    if not fmt:  # what savefig does with no suffix, made explicit so that we name the file it writes
+        return path.with_name(f"{path.name}.png")
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{out}: matplotlib cannot write {fmt!r} figures; use .png, .svg or .pdf")
+    return path
 
 
 def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:

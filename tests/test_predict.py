@@ -313,6 +313,19 @@ def test_a_bad_checkpoint_prints_no_traceback(tmp_path, images):
     assert "broken.safetensors" in done.stderr
 
 
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fmt, checkpoint, tmp_path):
+    Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / "a.png")
+    many = [str(tmp_path / "a.png")] * 600  # output well beyond a pipe's buffer, so the writer is still writing
+    command = [sys.executable, "-m", "vit.cli", "predict", *many, "-c", str(checkpoint), "--format", fmt, "-q"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        first = child.stdout.readline()  # what `vit predict ... | head -1` reads
+        child.stdout.close()
+        err = child.stderr.read()
+        status = child.wait(timeout=120)
+    assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
+
+
 # ---------------------------------------------------------------------------------------------- models
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_384"])
 def test_models_lists_timm_parameter_counts_and_input_sizes(name, capsys):

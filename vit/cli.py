@@ -2,7 +2,8 @@
 front ends over the library (`vit.predict`, `vit.explain`, `vit.weights`).
 
 User errors (a missing file, a bad checkpoint, a bad option) print one line and exit with status 2; they
-never print a traceback.
+never print a traceback. Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with
+status 141, as a Unix tool stopped by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from vit.weights import CheckpointError
 
 USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
+BROKEN_PIPE_STATUS = 128 + 13  # 128 + SIGPIPE: what a shell reports for `cat`, `grep` ... stopped by `| head`
 
 
 def _models_parser(sub: argparse._SubParsersAction) -> None:
@@ -403,7 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here rather than at exit, so that a reader gone away is noticed below
+        return status
+    except BrokenPipeError:  # the reader has all it wants (`vit predict ... | head`): stop quietly
+        # Python's recipe: stdout onto devnull, so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return _lightning_main(argv)
     parser = build_parser()

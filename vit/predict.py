@@ -331,4 +331,8 @@ def _write_table(results: Sequence[Result], stream: IO[str]) -> None:
             table.add_row(path, "", Text(f"error: {r['error']}", style="red"), "")
         for rank, p in enumerate(r["predictions"], 1):
             table.add_row(path if rank == 1 else "", str(rank), Text(p["label"]), f"{p['prob']:.3f}")
-    Console(file=stream, width=None if stream.isatty() else 160, highlight=False).print(table)
+    console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    # Line by line: Python drops the rest of one large write into a pipe closed early and raises nothing
+    stream.writelines(captured.get().splitlines(keepends=True))

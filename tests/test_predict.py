@@ -313,6 +313,36 @@ def test_a_bad_checkpoint_prints_no_traceback(tmp_path, images):
     assert "broken.safetensors" in done.stderr
 
 
+def test_urls_are_shown_as_given_and_refused_while_the_others_are_classified(checkpoint, images, capsys):
+    urls = ["https://example.com/cat.jpg", "file:///tmp/x.png"]
+    assert main(["predict", *urls, *images, "-c", str(checkpoint), "--format", "json"]) == 1
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [*urls, *images]
+    assert all(r["error"] == "URLs are not read as images: download the file first" for r in results[:2])
+    assert all(map(classified, results[2:]))
+
+
+def test_predictor_refuses_an_empty_path_rather_than_reading_the_current_folder(predictor):
+    with pytest.raises(ValueError, match="empty string"):
+        predictor.predict("")
+
+
+@pytest.mark.parametrize("command", ["predict", "attention"])
+def test_an_empty_source_is_a_usage_error_not_the_current_folder(command, checkpoint, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(images[0]).parent)  # images here: '' read as '.' would find and classify them
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                command,
+                "",
+                "-c",
+                str(checkpoint),
+                *(["--out", str(tmp_path / "map.png")] if command == "attention" else []),
+            ]
+        )
+    assert exit_.value.code == 2
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json", "table"])
 def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fmt, checkpoint, tmp_path):
     Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / "a.png")

@@ -71,9 +71,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _source(text: str) -> str:
+    if not text:  # '' would be read as '.', the current folder
+        from vit.predict import EMPTY_SOURCE
+
+        raise argparse.ArgumentTypeError(EMPTY_SOURCE)
+    return text
+
+
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files and folders")
+    p.add_argument("sources", nargs="+", type=_source, metavar="SOURCE", help="image files and folders")
     p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
     p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to report per image")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -141,7 +149,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     from vit.explain import METHODS
 
     p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
-    p.add_argument("image", help="an image file")
+    p.add_argument("image", type=_source, help="an image file")
     p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
     p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")

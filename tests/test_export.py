@@ -117,3 +117,33 @@ def test_export_of_weights_without_a_model_config_says_so(tmp_path, capsys):
         assert main(["export", "-c", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "no model config" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+@pytest.mark.parametrize("out", ["folder", "a_file/m.x"], ids=["existing-folder", "under-a-file"])
+def test_export_to_a_path_it_cannot_write_is_one_line_and_no_exporter_warning(fmt, out, tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main(["export", "-c", str(ckpt), "--format", fmt, "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vit export: error: {tmp_path / out}") and len(err.splitlines()) == 1
+    assert not any((tmp_path / "folder").iterdir())
+
+
+def test_onnx_write_errors_are_not_taken_for_an_exporter_failure(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'dynamo exporter failed, using the TorchScript one'
+        with pytest.raises(FileNotFoundError):
+            export_onnx(tiny_model(), tmp_path / "absent" / "m.onnx")
+
+
+def test_export_warns_when_the_suffix_names_the_other_format(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (
+        capsys.readouterr().err
+        == f"vit export: warning: {tmp_path / 'm.onnx'}: safetensors written under a .onnx name\n"
+    )
+    with safe_open(str(tmp_path / "m.onnx"), framework="pt") as f:  # it is what --format said
+        assert "model_config" in f.metadata()

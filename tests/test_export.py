@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import vit
-from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt
+from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_timm_state_dict
 from vit.cli import main
 from vit.export import export_onnx
 from vit.predict import Predictor
@@ -117,6 +117,16 @@ def test_export_of_weights_without_a_model_config_says_so(tmp_path, capsys):
         assert main(["export", "-c", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "no model config" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_of_plain_timm_weights_with_model_carries_the_variant_and_timms_logits(tmp_path, capsys):
+    reference = write_timm_state_dict(tmp_path / "timm_tiny.safetensors")
+    argv = ["-c", str(tmp_path / "timm_tiny.safetensors"), "--model", "vit_tiny_patch16_224"]
+    assert main(["export", *argv, "--out", str(tmp_path / "m.safetensors")]) == 0
+    exported, _ = vit.load_model(tmp_path / "m.safetensors")  # no --model needed any more
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), reference(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "safetensors"])

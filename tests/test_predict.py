@@ -13,10 +13,17 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import create_transform, resolve_data_config
 
 import vit
-from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_safetensors
+from tests.tiny_checkpoints import (
+    CLASS_NAMES,
+    data_config,
+    tiny_model,
+    write_lightning_ckpt,
+    write_safetensors,
+    write_timm_state_dict,
+)
 from vit.cli import main
 from vit.predict import Predictor, read_image
 
@@ -354,6 +361,33 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fm
         err = child.stderr.read()
         status = child.wait(timeout=120)
     assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
+
+
+def test_model_option_names_the_variant_of_plain_timm_weights_and_gives_timms_probabilities(tmp_path, capsys):
+    reference = write_timm_state_dict(tmp_path / "timm_tiny.safetensors")
+    Image.fromarray(smooth_rgb(60, 80)).save(tmp_path / "x.png")
+    x = create_transform(**resolve_data_config(model=reference))(Image.open(tmp_path / "x.png").convert("RGB"))
+    with torch.no_grad():
+        probs, classes = reference(x[None]).softmax(-1)[0].topk(3)
+    argv = [str(tmp_path / "x.png"), "-c", str(tmp_path / "timm_tiny.safetensors")]
+    assert main(["predict", *argv, "--format", "json"]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+    assert main(["predict", *argv, "--model", "vit_tiny_patch16_224", "--format", "json", "--topk", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert [p["index"] for p in got] == classes.tolist()
+    assert [p["prob"] for p in got] == pytest.approx(probs.tolist(), abs=1e-6)
+    out = str(tmp_path / "map.png")
+    assert main(["attention", *argv, "--model", "vit_tiny_patch16_224", "--out", out]) == 0
+    assert f"predicted: {classes[0]} (class {classes[0]}, p={probs[0]:.3f})" in capsys.readouterr().out
+
+
+def test_model_option_gives_way_with_a_warning_to_the_files_own_config(checkpoint, images, capsys):
+    assert main(["predict", *images, "-c", str(checkpoint), "--model", "vit_tiny_patch16_224", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        err == f"vit predict: warning: {checkpoint}: the file's own model config is used, not 'vit_tiny_patch16_224'\n"
+    )
+    assert any(name in out for name in CLASS_NAMES)  # the tiny model's own classes
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -79,10 +79,19 @@ def _source(text: str) -> str:
     return text
 
 
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the variant (see `vit models`) of a weights file that carries no model config, e.g. a timm state dict",
+    )
+
+
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
     p.add_argument("sources", nargs="+", type=_source, metavar="SOURCE", help="image files and folders")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    _add_checkpoint_options(p)
     p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to report per image")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--batch-size", type=_positive_int, default=32)
@@ -111,6 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         amp=args.amp,
         amp_dtype=getattr(torch, args.amp_dtype),
+        model_name=args.model,
     )
     results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
     write_results(results, args.format, sys.stdout)
@@ -122,7 +132,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint as ONNX or safetensors")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    _add_checkpoint_options(p)
     p.add_argument("--format", choices=("onnx", "safetensors"), help="default: from the suffix of --out")
     p.add_argument("--out", "-o", required=True, help="the file to write")
     p.set_defaults(handler=_export)
@@ -134,7 +144,7 @@ def _export(args: argparse.Namespace) -> int:
     fmt = args.format or Path(args.out).suffix.lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"cannot tell the format from {args.out!r}: give --format onnx or --format safetensors")
-    model, out = export_checkpoint(args.checkpoint, fmt, args.out)
+    model, out = export_checkpoint(args.checkpoint, fmt, args.out, args.model)
     note = ""
     if fmt == "onnx":
         try:
@@ -150,7 +160,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
     p.add_argument("image", type=_source, help="an image file")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    _add_checkpoint_options(p)
     p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
@@ -175,7 +185,7 @@ def _attention(args: argparse.Namespace) -> int:
     if chosen and method != "raw":
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
     out = _figure_path(args.out)
-    model, checkpoint = load_model(args.checkpoint)
+    model, checkpoint = load_model(args.checkpoint, args.model)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
     # predict's reading and preprocessing, so that both commands see the same pixels and predict the same class

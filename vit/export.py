@@ -100,8 +100,11 @@ def onnx_logit_difference(model: VisionTransformer, path: str | Path, batch_size
     return worst
 
 
-def export_checkpoint(source: str | Path, fmt: str, out: str | Path) -> tuple[VisionTransformer, Path]:
-    """Load any checkpoint `vit.load_model` reads and write it as 'onnx' or 'safetensors' to `out`."""
+def export_checkpoint(
+    source: str | Path, fmt: str, out: str | Path, model_name: str | None = None
+) -> tuple[VisionTransformer, Path]:
+    """Load any checkpoint `vit.load_model` reads (`model_name` for plain weights) and write it as 'onnx' or
+    'safetensors' to `out`."""
     from safetensors import SafetensorError
 
     if fmt not in FORMATS:
@@ -112,7 +115,7 @@ def export_checkpoint(source: str | Path, fmt: str, out: str | Path) -> tuple[Vi
     suffix = out.suffix.lstrip(".").lower()
     if suffix in FORMATS and suffix != fmt:
         warnings.warn(f"{out}: {fmt} written under a .{suffix} name", stacklevel=2)
-    model, checkpoint = load_model(source)
+    model, checkpoint = load_model(source, model_name)
     meta = _metadata(model, checkpoint.class_names, checkpoint.data_config)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -203,12 +203,14 @@ class Predictor:
         num_workers: int | None = None,
         amp: bool = False,
         amp_dtype: torch.dtype = torch.bfloat16,
+        model_name: str | None = None,
     ) -> Predictor:
         """A predictor from anything `vit.load_model` reads: a `vit fit` .ckpt, our .safetensors, a Hugging
-        Face folder, or a timm tag (when online); class names and preprocessing come from the checkpoint."""
+        Face folder, a timm tag (when online), or plain weights of the variant `model_name`; class names and
+        preprocessing come from the checkpoint."""
         from vit.weights import load_model
 
-        model, checkpoint = load_model(source)
+        model, checkpoint = load_model(source, model_name)
         return cls(
             model,
             class_names=checkpoint.class_names,

@@ -307,6 +307,28 @@ def test_bad_options_exit_2(option, checkpoint, images):
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--batch-size", "abc"], "argument --batch-size: expected an integer of at least 1, got 'abc'"),
+        (["--topk", "0"], "argument --topk: expected an integer of at least 1, got '0'"),
+        (["--num-workers", "-1"], "argument --num-workers: expected an integer of at least 0, got '-1'"),
+    ],
+)
+def test_a_bad_number_is_named_by_its_option(option, message, checkpoint, images, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", *images, "-c", str(checkpoint), *option])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"vit predict: error: {message}"
+
+
+def test_an_unknown_command_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["foo"])
+    choices = capsys.readouterr().err.split("choose from", 1)[1]
+    assert exit_.value.code == 2
+    assert all(c in choices for c in ("fit", "validate", "test", "predict", "attention", "export", "models"))
+
+
 def test_exit_status_is_0_when_every_input_was_classified(checkpoint, images, capsys):
     assert main(["predict", *images, "-c", str(checkpoint), "-q"]) == 0
     assert capsys.readouterr().err == ""

@@ -64,11 +64,19 @@ def _count_params(cfg) -> int:
         return sum(p.numel() for p in VisionTransformer(cfg).parameters())
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type; its message follows argparse's 'argument --batch-size: ...', not the function's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _source(text: str) -> str:
@@ -92,11 +100,13 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
     p.add_argument("sources", nargs="+", type=_source, metavar="SOURCE", help="image files and folders")
     _add_checkpoint_options(p)
-    p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to report per image")
+    p.add_argument("--topk", type=_int_at_least(1), default=5, help="how many classes to report per image")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: by core count)")
+    p.add_argument(
+        "--num-workers", type=_int_at_least(0), default=None, help="decoding processes (default: by core count)"
+    )
     p.add_argument(
         "--amp",
         action="store_true",
@@ -415,7 +425,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every subcommand except the LightningCLI ones."""
     parser = argparse.ArgumentParser(prog="vit", description="Vision Transformer toolkit.")
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,attention,export,models}")
+    sub = parser.add_subparsers(dest="command")
+    for name in LIGHTNING_COMMANDS:  # main() hands these to LightningCLI first: here for --help and the choices
+        sub.add_parser(name, help=f"LightningCLI's {name}: vit {name} --config configs/X.yaml (see vit {name} --help)")
     for add in SUBCOMMANDS:
         add(sub)
     return parser

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import sys
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -18,6 +21,7 @@ import vit.cli
 from benchmarks.attention_faithfulness import DIGITS_VIT, digits_tensors, random_maps, train_digits_vit
 from vit.explain import METHODS, chefer_relevance, head_maps, record_attention, rollout
 from vit.faithfulness import deletion_curve, deletion_score, insertion_curve, insertion_score
+from vit.predict import Predictor
 from vit.visualize import head_grid
 
 ALL_METHODS = sorted(METHODS)
@@ -364,11 +368,9 @@ def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["missing.png"], "missing.png"),
         (["{image}", "--method", "rollout", "--layer", "1"], "--method raw"),
         (["{image}", "--layer", "7"], "layer 7"),
         (["{image}", "--target", "3"], "--target 3"),
-        (["{ckpt}"], "not a readable image"),
     ],
 )
 def test_cli_attention_reports_user_errors_in_one_line(checkpoint, tmp_path, capsys, args, message):
@@ -378,3 +380,73 @@ def test_cli_attention_reports_user_errors_in_one_line(checkpoint, tmp_path, cap
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("vit attention: error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def awkward_image(kind: str, folder) -> Path:
+    """An image that a plain `Image.open(...).convert('RGB')` reads differently from `vit predict`."""
+    rng = np.random.default_rng(1)
+    path = folder / {"exif": "rotated.jpg", "16bit": "deep.png", "alpha": "clear.png"}[kind]
+    if kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # shown turned 90 degrees from how it is stored
+        Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(path, quality=95, exif=exif)
+    elif kind == "16bit":  # convert('RGB') clips every sample above 255
+        Image.fromarray(rng.integers(0, 65536, (30, 20), dtype=np.uint16)).save(path)
+    else:  # convert('RGB') drops the alpha, showing what lies under the transparent pixels
+        Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["exif", "16bit", "alpha"])
+def test_cli_attention_feeds_the_model_what_predict_feeds_it(checkpoint, tmp_path, capsys, monkeypatch, kind):
+    _, path, _ = checkpoint
+    image = awkward_image(kind, tmp_path)
+    seen = []
+    module = sys.modules["vit.explain"]  # `vit.explain` is the function: the module holds the name attention imports
+    explain = module.explain
+    monkeypatch.setattr(module, "explain", lambda model, x, *a, **kw: seen.append(x) or explain(model, x, *a, **kw))
+    assert vit.cli.main(["attention", str(image), "-c", str(path), "--out", str(tmp_path / "map.png")]) == 0
+    torch.testing.assert_close(seen[0][0], Predictor.from_checkpoint(path).preprocess(image), rtol=0, atol=0)
+    printed = capsys.readouterr().out
+    assert vit.cli.main(["predict", str(image), "-c", str(path), "--format", "json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+    assert f"predicted: {top['label']} (class {top['index']}, p={top['prob']:.3f})" in printed
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("missing.png", "no such file or folder"), ("bomb.png", "too large"), ("model.safetensors", "not an image")],
+)
+def test_cli_attention_reports_an_unreadable_image_as_predict_does(
+    checkpoint, tmp_path, capsys, monkeypatch, name, message
+):
+    _, path, _ = checkpoint
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64*64 > 2 * 2000: PIL refuses it
+    image = str(tmp_path / name)
+    assert vit.cli.main(["predict", image, "-c", str(path), "--format", "json"]) == 1
+    error = json.loads(capsys.readouterr().out)[0]["error"]
+    assert message in error
+    status = vit.cli.main(["attention", image, "-c", str(path), "--out", str(tmp_path / "x.png")])
+    assert status == 1 and capsys.readouterr().err == f"vit attention: error: {image}: {error}\n"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_attention_names_the_file_it_wrote_and_takes_o(checkpoint, tmp_path, capsys):
+    _, path, image = checkpoint
+    assert vit.cli.main(["attention", str(image), "-c", str(path), "-o", str(tmp_path / "map")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'map.png'}"
+    with Image.open(tmp_path / "map.png") as figure:
+        assert figure.format == "PNG"
+
+
+@pytest.mark.parametrize("out, message", [("", "is a folder"), ("map.xyz", "'xyz'")])
+def test_cli_attention_refuses_an_out_it_cannot_write_in_one_line(checkpoint, tmp_path, capsys, out, message):
+    _, path, image = checkpoint
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    status = vit.cli.main(["attention", str(image), "-c", str(path), "--out", str(folder / out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("vit attention: error: ") and message in err
+    assert len(err.splitlines()) == 1 and sorted(tmp_path.iterdir()) == sorted([folder, path, image])
+    assert not any(folder.iterdir())

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import vit
-from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt
+from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_timm_state_dict
 from vit.cli import main
 from vit.export import export_onnx
 from vit.predict import Predictor
@@ -117,3 +117,43 @@ def test_export_of_weights_without_a_model_config_says_so(tmp_path, capsys):
         assert main(["export", "-c", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "no model config" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_of_plain_timm_weights_with_model_carries_the_variant_and_timms_logits(tmp_path, capsys):
+    reference = write_timm_state_dict(tmp_path / "timm_tiny.safetensors")
+    argv = ["-c", str(tmp_path / "timm_tiny.safetensors"), "--model", "vit_tiny_patch16_224"]
+    assert main(["export", *argv, "--out", str(tmp_path / "m.safetensors")]) == 0
+    exported, _ = vit.load_model(tmp_path / "m.safetensors")  # no --model needed any more
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+@pytest.mark.parametrize("out", ["folder", "a_file/m.x"], ids=["existing-folder", "under-a-file"])
+def test_export_to_a_path_it_cannot_write_is_one_line_and_no_exporter_warning(fmt, out, tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main(["export", "-c", str(ckpt), "--format", fmt, "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vit export: error: {tmp_path / out}") and len(err.splitlines()) == 1
+    assert not any((tmp_path / "folder").iterdir())
+
+
+def test_onnx_write_errors_are_not_taken_for_an_exporter_failure(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'dynamo exporter failed, using the TorchScript one'
+        with pytest.raises(FileNotFoundError):
+            export_onnx(tiny_model(), tmp_path / "absent" / "m.onnx")
+
+
+def test_export_warns_when_the_suffix_names_the_other_format(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (
+        capsys.readouterr().err
+        == f"vit export: warning: {tmp_path / 'm.onnx'}: safetensors written under a .onnx name\n"
+    )
+    with safe_open(str(tmp_path / "m.onnx"), framework="pt") as f:  # it is what --format said
+        assert "model_config" in f.metadata()

@@ -13,10 +13,17 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import create_transform, resolve_data_config
 
 import vit
-from tests.tiny_checkpoints import CLASS_NAMES, data_config, tiny_model, write_lightning_ckpt, write_safetensors
+from tests.tiny_checkpoints import (
+    CLASS_NAMES,
+    data_config,
+    tiny_model,
+    write_lightning_ckpt,
+    write_safetensors,
+    write_timm_state_dict,
+)
 from vit.cli import main
 from vit.predict import Predictor, read_image
 
@@ -300,6 +307,28 @@ def test_bad_options_exit_2(option, checkpoint, images):
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--batch-size", "abc"], "argument --batch-size: expected an integer of at least 1, got 'abc'"),
+        (["--topk", "0"], "argument --topk: expected an integer of at least 1, got '0'"),
+        (["--num-workers", "-1"], "argument --num-workers: expected an integer of at least 0, got '-1'"),
+    ],
+)
+def test_a_bad_number_is_named_by_its_option(option, message, checkpoint, images, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", *images, "-c", str(checkpoint), *option])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"vit predict: error: {message}"
+
+
+def test_an_unknown_command_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["foo"])
+    choices = capsys.readouterr().err.split("choose from", 1)[1]
+    assert exit_.value.code == 2
+    assert all(c in choices for c in ("fit", "validate", "test", "predict", "attention", "export", "models"))
+
+
 def test_exit_status_is_0_when_every_input_was_classified(checkpoint, images, capsys):
     assert main(["predict", *images, "-c", str(checkpoint), "-q"]) == 0
     assert capsys.readouterr().err == ""
@@ -311,6 +340,76 @@ def test_a_bad_checkpoint_prints_no_traceback(tmp_path, images):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "broken.safetensors" in done.stderr
+
+
+def test_urls_are_shown_as_given_and_refused_while_the_others_are_classified(checkpoint, images, capsys):
+    urls = ["https://example.com/cat.jpg", "file:///tmp/x.png"]
+    assert main(["predict", *urls, *images, "-c", str(checkpoint), "--format", "json"]) == 1
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [*urls, *images]
+    assert all(r["error"] == "URLs are not read as images: download the file first" for r in results[:2])
+    assert all(map(classified, results[2:]))
+
+
+def test_predictor_refuses_an_empty_path_rather_than_reading_the_current_folder(predictor):
+    with pytest.raises(ValueError, match="empty string"):
+        predictor.predict("")
+
+
+@pytest.mark.parametrize("command", ["predict", "attention"])
+def test_an_empty_source_is_a_usage_error_not_the_current_folder(command, checkpoint, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(images[0]).parent)  # images here: '' read as '.' would find and classify them
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                command,
+                "",
+                "-c",
+                str(checkpoint),
+                *(["--out", str(tmp_path / "map.png")] if command == "attention" else []),
+            ]
+        )
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fmt, checkpoint, tmp_path):
+    Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / "a.png")
+    many = [str(tmp_path / "a.png")] * 600  # output well beyond a pipe's buffer, so the writer is still writing
+    command = [sys.executable, "-m", "vit.cli", "predict", *many, "-c", str(checkpoint), "--format", fmt, "-q"]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        first = child.stdout.readline()  # what `vit predict ... | head -1` reads
+        child.stdout.close()
+        err = child.stderr.read()
+        status = child.wait(timeout=120)
+    assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
+
+
+def test_model_option_names_the_variant_of_plain_timm_weights_and_gives_timms_probabilities(tmp_path, capsys):
+    reference = write_timm_state_dict(tmp_path / "timm_tiny.safetensors")
+    Image.fromarray(smooth_rgb(60, 80)).save(tmp_path / "x.png")
+    x = create_transform(**resolve_data_config(model=reference))(Image.open(tmp_path / "x.png").convert("RGB"))
+    with torch.no_grad():
+        probs, classes = reference(x[None]).softmax(-1)[0].topk(3)
+    argv = [str(tmp_path / "x.png"), "-c", str(tmp_path / "timm_tiny.safetensors")]
+    assert main(["predict", *argv, "--format", "json"]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+    assert main(["predict", *argv, "--model", "vit_tiny_patch16_224", "--format", "json", "--topk", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert [p["index"] for p in got] == classes.tolist()
+    assert [p["prob"] for p in got] == pytest.approx(probs.tolist(), abs=1e-6)
+    out = str(tmp_path / "map.png")
+    assert main(["attention", *argv, "--model", "vit_tiny_patch16_224", "--out", out]) == 0
+    assert f"predicted: {classes[0]} (class {classes[0]}, p={probs[0]:.3f})" in capsys.readouterr().out
+
+
+def test_model_option_gives_way_with_a_warning_to_the_files_own_config(checkpoint, images, capsys):
+    assert main(["predict", *images, "-c", str(checkpoint), "--model", "vit_tiny_patch16_224", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        err == f"vit predict: warning: {checkpoint}: the file's own model config is used, not 'vit_tiny_patch16_224'\n"
+    )
+    assert any(name in out for name in CLASS_NAMES)  # the tiny model's own classes
 
 
 # ---------------------------------------------------------------------------------------------- models

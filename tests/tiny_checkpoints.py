@@ -51,3 +51,14 @@ def write_lightning_ckpt(path: Path, model: vit.VisionTransformer | None = None,
         path,
     )
     return path
+
+
+def write_timm_state_dict(path: Path, name: str = "vit_tiny_patch16_224") -> torch.nn.Module:
+    """timm's own `name` with seeded random weights, saved as a bare safetensors state dict (no model config)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    save_file(model.state_dict(), str(path))
+    return model

@@ -2,7 +2,8 @@
 front ends over the library (`vit.predict`, `vit.explain`, `vit.weights`).
 
 User errors (a missing file, a bad checkpoint, a bad option) print one line and exit with status 2; they
-never print a traceback.
+never print a traceback. Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with
+status 141, as a Unix tool stopped by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vit.weights import CheckpointError
 
 USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
+BROKEN_PIPE_STATUS = 128 + 13  # 128 + SIGPIPE: what a shell reports for `cat`, `grep` ... stopped by `| head`
 
 
 def _models_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,22 +64,49 @@ def _count_params(cfg) -> int:
         return sum(p.numel() for p in VisionTransformer(cfg).parameters())
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type; its message follows argparse's 'argument --batch-size: ...', not the function's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _source(text: str) -> str:
+    if not text:  # '' would be read as '.', the current folder
+        from vit.predict import EMPTY_SOURCE
+
+        raise argparse.ArgumentTypeError(EMPTY_SOURCE)
+    return text
+
+
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the variant (see `vit models`) of a weights file that carries no model config, e.g. a timm state dict",
+    )
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files and folders")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
-    p.add_argument("--topk", type=_positive_int, default=5, help="how many classes to report per image")
+    p.add_argument("sources", nargs="+", type=_source, metavar="SOURCE", help="image files and folders")
+    _add_checkpoint_options(p)
+    p.add_argument("--topk", type=_int_at_least(1), default=5, help="how many classes to report per image")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: by core count)")
+    p.add_argument(
+        "--num-workers", type=_int_at_least(0), default=None, help="decoding processes (default: by core count)"
+    )
     p.add_argument(
         "--amp",
         action="store_true",
@@ -100,6 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         amp=args.amp,
         amp_dtype=getattr(torch, args.amp_dtype),
+        model_name=args.model,
     )
     results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
     write_results(results, args.format, sys.stdout)
@@ -111,21 +142,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint as ONNX or safetensors")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    _add_checkpoint_options(p)
     p.add_argument("--format", choices=("onnx", "safetensors"), help="default: from the suffix of --out")
     p.add_argument("--out", "-o", required=True, help="the file to write")
     p.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vit.export import FORMATS, export_checkpoint, onnx_logit_difference
 
     fmt = args.format or Path(args.out).suffix.lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"cannot tell the format from {args.out!r}: give --format onnx or --format safetensors")
-    model, out = export_checkpoint(args.checkpoint, fmt, args.out)
+    model, out = export_checkpoint(args.checkpoint, fmt, args.out, args.model)
     note = ""
     if fmt == "onnx":
         try:
@@ -140,13 +169,13 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     from vit.explain import METHODS
 
     p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
-    p.add_argument("image", help="an image file")
-    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
+    p.add_argument("image", type=_source, help="an image file")
+    _add_checkpoint_options(p)
     p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
     p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
-    p.add_argument("--out", required=True, help="the figure to write, e.g. attention.png")
+    p.add_argument("--out", "-o", required=True, help="the figure to write, e.g. attention.png (.png when no suffix)")
     p.set_defaults(handler=_attention)
 
 
@@ -154,13 +183,10 @@ def _attention(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    from pathlib import Path
-
     import torch
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
 
     from vit.explain import explain
+    from vit.predict import Predictor, describe_error
     from vit.visualize import attention_figure
     from vit.weights import load_model
 
@@ -168,39 +194,50 @@ def _attention(args: argparse.Namespace) -> int:
     method = args.method or ("raw" if chosen else "rollout")
     if chosen and method != "raw":
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
-    if not Path(args.out).parent.is_dir():
-        raise FileNotFoundError(f"{args.out}: the folder {Path(args.out).parent} does not exist")
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{args.image}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{args.image}: not a readable image ({e})") from None
-    model, checkpoint = load_model(args.checkpoint)
+    out = _figure_path(args.out)
+    model, checkpoint = load_model(args.checkpoint, args.model)
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
-    model.eval()
-    # The checkpoint's own preprocessing (timm's data-config form); the model's defaults when it has none.
-    data_config = resolve_data_config(pretrained_cfg=dict(checkpoint.data_config or {}), model=model)
-    x = create_transform(**data_config)(image.convert("L" if model.cfg.in_chans == 1 else "RGB"))[None]
+    # predict's reading and preprocessing, so that both commands see the same pixels and predict the same class
+    predictor = Predictor(model, class_names=checkpoint.class_names, data_config=checkpoint.data_config)
+    try:
+        x = predictor.preprocess(args.image)[None]
+    except Exception as e:  # as in predict: an input that cannot be read is a failed input (status 1), in one line
+        print(f"vit attention: error: {args.image}: {describe_error(e)}", file=sys.stderr)
+        return 1
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     index = int(probs.argmax()) if args.target is None else args.target
     if not 0 <= index < model.num_classes:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
     heat = explain(model, x, method, target=index, **chosen)[0]
-    names = checkpoint.class_names
-    label = names[index] if names and index < len(names) else str(index)
-    mean, std = (torch.tensor(data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    label = predictor.label(index)
+    mean, std = (torch.tensor(predictor.data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
     shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
     title = f"{label} (class {index}, p={probs[index]:.3f})"
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
-    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(args.out, dpi=120)
+    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(out, dpi=120)
     kind = "predicted" if args.target is None else "target"
     print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
+
+
+def _figure_path(out: str) -> Path:
+    """The file `savefig(out)` will write, refused up front when it is a folder or a format matplotlib lacks."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    if path.is_dir():  # savefig would write '<folder>.png' beside it
+        raise ValueError(f"{out} is a folder: give the figure's file name, e.g. {path / 'attention.png'}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{out}: the folder {path.parent} does not exist")
+    fmt = path.suffix.lstrip(".").lower()
+    if not fmt:  # what savefig does with no suffix, made explicit so that we name the file it writes
+        return path.with_name(f"{path.name}.png")
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{out}: matplotlib cannot write {fmt!r} figures; use .png, .svg or .pdf")
+    return path
 
 
 def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
@@ -399,7 +436,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every subcommand except the LightningCLI ones."""
     parser = argparse.ArgumentParser(prog="vit", description="Vision Transformer toolkit.")
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,attention,export,models}")
+    sub = parser.add_subparsers(dest="command")
+    for name in LIGHTNING_COMMANDS:  # main() hands these to LightningCLI first: here for --help and the choices
+        sub.add_parser(name, help=f"LightningCLI's {name}: vit {name} --config configs/X.yaml (see vit {name} --help)")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
@@ -407,7 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here rather than at exit, so that a reader gone away is noticed below
+        return status
+    except BrokenPipeError:  # the reader has all it wants (`vit predict ... | head`): stop quietly
+        # Python's recipe: stdout onto devnull, so that the flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return _lightning_main(argv)
     parser = build_parser()

@@ -40,7 +40,6 @@ def export_onnx(
         program = torch.onnx.export(
             model, example, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, **names
         )
-        program.save(str(path))
     except ImportError as e:
         raise ValueError(
             f"ONNX export needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript"
@@ -60,6 +59,8 @@ def export_onnx(
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
                 **names,
             )
+    else:  # outside the try: failing to write the file is no reason to try the other exporter
+        program.save(str(path))
     _add_onnx_metadata(path, _metadata(model, class_names, data_config))
     return path
 
@@ -99,16 +100,29 @@ def onnx_logit_difference(model: VisionTransformer, path: str | Path, batch_size
     return worst
 
 
-def export_checkpoint(source: str | Path, fmt: str, out: str | Path) -> tuple[VisionTransformer, Path]:
-    """Load any checkpoint `vit.load_model` reads and write it as 'onnx' or 'safetensors' to `out`."""
+def export_checkpoint(
+    source: str | Path, fmt: str, out: str | Path, model_name: str | None = None
+) -> tuple[VisionTransformer, Path]:
+    """Load any checkpoint `vit.load_model` reads (`model_name` for plain weights) and write it as 'onnx' or
+    'safetensors' to `out`."""
+    from safetensors import SafetensorError
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    model, checkpoint = load_model(source)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder: give the file to write, e.g. {out / f'model.{fmt}'}")
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix in FORMATS and suffix != fmt:
+        warnings.warn(f"{out}: {fmt} written under a .{suffix} name", stacklevel=2)
+    model, checkpoint = load_model(source, model_name)
     meta = _metadata(model, checkpoint.class_names, checkpoint.data_config)
-    if fmt == "onnx":
-        export_onnx(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
-    else:
-        save_safetensors(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "onnx":
+            export_onnx(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
+        else:
+            save_safetensors(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
+    except (OSError, SafetensorError) as e:  # a full disk, a folder we may not write to, a file where a folder goes
+        raise ValueError(f"{out}: could not write it ({e})") from None
     return model, out

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,8 @@ TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cro
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer on a white page shows them
 FEW_IMAGES = 8  # a progress bar only above this many inputs
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme and '//': Path() would turn 'https://' into 'https:/'
+EMPTY_SOURCE = "an empty string names no file or folder (an unset shell variable?)"
 
 ImageSource = str | Path | Image.Image
 Result = dict[str, Any]
@@ -44,18 +47,20 @@ Result = dict[str, Any]
 
 # ------------------------------------------------------------------------------------------ finding images
 def find_images(sources: Iterable[ImageSource]) -> list[ImageSource]:
-    """Folders become their image files (recursively, known extensions, sorted); files, missing paths and PIL
-    images pass through, so a path that cannot be read is reported rather than silently dropped."""
+    """Folders become their image files (recursively, known extensions, sorted); files, missing paths, URLs and
+    PIL images pass through as given, so that an input that cannot be read is reported, not silently dropped."""
     items: list[ImageSource] = []
     for source in sources:
-        if isinstance(source, Image.Image):
+        if isinstance(source, Image.Image) or _is_url(source):
             items.append(source)
             continue
+        if source == "":  # Path('') is '.', the whole current folder
+            raise ValueError(EMPTY_SOURCE)
         path = Path(source)
         found = []
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        items.extend(found or [path])  # an empty folder stays, to be reported as one
+        items.extend(found or [source])  # an empty folder stays, to be reported as one
     return items
 
 
@@ -69,6 +74,8 @@ def read_image(source: ImageSource, mode: str = "RGB", min_size: int | None = No
     """
     if isinstance(source, Image.Image):
         return _convert(ImageOps.exif_transpose(source), mode)
+    if _is_url(source):
+        raise ValueError("URLs are not read as images: download the file first")
     path = Path(source)
     if path.is_dir():
         raise IsADirectoryError("folder holds no image files")
@@ -79,6 +86,10 @@ def read_image(source: ImageSource, mode: str = "RGB", min_size: int | None = No
             img.draft(None, (min_size, min_size))  # keeps both sides >= min_size
         upright = ImageOps.exif_transpose(img)  # decodes; a copy when there is no orientation tag
     return _convert(upright, mode)
+
+
+def _is_url(source: ImageSource) -> bool:
+    return isinstance(source, str) and URL.match(source) is not None
 
 
 def _convert(img: Image.Image, mode: str) -> Image.Image:
@@ -192,12 +203,14 @@ class Predictor:
         num_workers: int | None = None,
         amp: bool = False,
         amp_dtype: torch.dtype = torch.bfloat16,
+        model_name: str | None = None,
     ) -> Predictor:
         """A predictor from anything `vit.load_model` reads: a `vit fit` .ckpt, our .safetensors, a Hugging
-        Face folder, or a timm tag (when online); class names and preprocessing come from the checkpoint."""
+        Face folder, a timm tag (when online), or plain weights of the variant `model_name`; class names and
+        preprocessing come from the checkpoint."""
         from vit.weights import load_model
 
-        model, checkpoint = load_model(source)
+        model, checkpoint = load_model(source, model_name)
         return cls(
             model,
             class_names=checkpoint.class_names,
@@ -331,4 +344,8 @@ def _write_table(results: Sequence[Result], stream: IO[str]) -> None:
             table.add_row(path, "", Text(f"error: {r['error']}", style="red"), "")
         for rank, p in enumerate(r["predictions"], 1):
             table.add_row(path if rank == 1 else "", str(rank), Text(p["label"]), f"{p['prob']:.3f}")
-    Console(file=stream, width=None if stream.isatty() else 160, highlight=False).print(table)
+    console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    # Line by line: Python drops the rest of one large write into a pipe closed early and raises nothing
+    stream.writelines(captured.get().splitlines(keepends=True))

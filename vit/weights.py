@@ -492,23 +492,29 @@ def load_pretrained(
     return checkpoint
 
 
-def load_model(source: str | Path) -> tuple[VisionTransformer, Checkpoint]:
-    """Build the model a checkpoint describes (its own config) and load it: .ckpt, our .safetensors, HF
-    folders and timm tags carry one."""
+def load_model(source: str | Path, model_name: str | None = None) -> tuple[VisionTransformer, Checkpoint]:
+    """Build the model a checkpoint describes and load it: its own config (.ckpt, our .safetensors, HF folders,
+    timm tags), else the variant `model_name` (a plain state dict, e.g. timm's)."""
     checkpoint = read_checkpoint(source)
-    if checkpoint.model_config is None:
-        raise CheckpointError(
-            f"{checkpoint.source}: the file carries no model config; use "
-            "vit.create_model(name, pretrained=path) to say which variant it is"
-        )
-    model = VisionTransformer(_config(checkpoint))
+    model = VisionTransformer(_config(checkpoint, model_name))
     transfer_weights(model, checkpoint)
     return model, checkpoint
 
 
-def _config(checkpoint: Checkpoint) -> ViTConfig:
+def _config(checkpoint: Checkpoint, model_name: str | None = None) -> ViTConfig:
+    if checkpoint.model_config is None:
+        if model_name is None:
+            raise CheckpointError(
+                f"{checkpoint.source}: the file carries no model config; name its variant with --model NAME "
+                "(`vit models` lists them), or in Python load_model(path, model_name=NAME)"
+            )
+        from vit.factory import model_config
+
+        return model_config(model_name, num_classes=checkpoint.num_classes)
+    if model_name is not None:  # the config the weights were saved with fits them; a name can only be wrong
+        warnings.warn(f"{checkpoint.source}: the file's own model config is used, not {model_name!r}", stacklevel=3)
     try:
-        return ViTConfig(**(checkpoint.model_config or {}))
+        return ViTConfig(**checkpoint.model_config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{checkpoint.source}: its model config is not valid ({e})") from None
 

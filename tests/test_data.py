@@ -133,6 +133,7 @@ def test_val_dir_with_a_class_unknown_to_training_is_an_error_naming_it(tmp_path
 def test_train_dir_without_images_is_an_error_naming_the_folder(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "cat" / "notes.txt").write_text("no images here")
+    (tmp_path / "empty" / "dog").mkdir()
     dm = ImageFolderDataModule(tmp_path / "empty", num_workers=0)
     with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}: no images"):
         dm.setup("fit")

@@ -159,7 +159,11 @@ def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget
 
 def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.no_such_option", "1"]) == 2
-    assert "no_such_option" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()  # one usage line, not every option of Trainer, model and data
+    assert err[0].startswith("usage: ") and err[0].endswith(
+        " fit --config CONFIG [--model.* ...] [--data.* ...] [--trainer.* ...]"
+    )
+    assert len(err) == 3 and err[-1] == "error: unrecognized arguments: --model.no_such_option 1"
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  learning_rate_typo: 0.1\n")
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--config", str(bad)]) == 2
@@ -285,3 +289,15 @@ def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_ow
     assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), *args]) == 2  # model_name: vit_nano_patch4_32
     err = capsys.readouterr().err
     assert "does not fit the model" in err and err.endswith("--model.model_name null builds it\n")
+
+
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        (["--data.batch_size", "ten"], "data.batch_size: Expected a <class 'int'>. Got value: ten"),
+        (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or null, got 'x'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_its_key_and_reason_not_jsonargparses_union_dump(option, reason, capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *option]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {reason}"

@@ -12,6 +12,7 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -240,6 +241,23 @@ def _figure_path(out: str) -> Path:
     return path
 
 
+def _innermost_reason(message: str) -> str:
+    """'data.batch_size: Expected a <class 'int'>. Got value: ten' from jsonargparse's report of a class argument
+    that failed ('Parser key "data": Does not validate against any of the Union subtypes ... Parser key
+    "batch_size": Expected ...'); other messages as they are."""
+    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*(.+)', message)
+    if "Does not validate against any of the Union subtypes" not in message or not keys:
+        return message
+    if len(keys) > 1:  # a class's own argument: the class's parser said what is wrong
+        return f"{keys[0][0]}.{keys[1][0]}: {keys[1][1].strip()}"
+    types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", message.split("Errors:")[0])
+    given = re.search(r"Given value: (.*)", message)
+    if not types or not given:
+        return message
+    types = ["null" if t == "NoneType" else t for t in types]  # as a YAML file or the command line spells it
+    return f"{keys[0][0]}: expected {' or '.join(types)}, got {given.group(1).strip()!r}"
+
+
 def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
@@ -301,6 +319,17 @@ def _lightning_cli_class() -> type:
     from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint, SayHowToResume
     from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, WarnIfHalfPrecisionIsSlow, check_checkpoint
 
+    class BriefErrorsParser(LightningArgumentParser):
+        """LightningCLI's parser, whose errors show one usage line rather than all 80-odd options, and a value of
+        the wrong type in the data or model section as its key and reason rather than jsonargparse's Union dump."""
+
+        def print_usage(self, file: Any = None) -> None:
+            prog = self.prog.replace(" [options]", "")
+            print(f"usage: {prog} --config CONFIG [--model.* ...] [--data.* ...] [--trainer.* ...]", file=file)
+
+        def error(self, message: str, ex: Exception | None = None) -> Any:
+            super().error(_innermost_reason(message) if self.exit_on_error else message, ex)
+
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
         with CSV logs and checkpoints/best.ckpt + last.ckpt, and ends by printing where and how it went."""
@@ -317,6 +346,7 @@ def _lightning_cli_class() -> type:
                     }
                 },
                 save_config_kwargs={"overwrite": True},
+                parser_class=BriefErrorsParser,
                 args=args,
             )
 

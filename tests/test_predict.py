@@ -329,6 +329,12 @@ def test_an_unknown_command_lists_every_command(capsys):
     assert all(c in choices for c in ("fit", "validate", "test", "predict", "attention", "export", "models"))
 
 
+def test_version_is_the_packages(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"vit {vit.__version__}\n"
+
+
 def test_exit_status_is_0_when_every_input_was_classified(checkpoint, images, capsys):
     assert main(["predict", *images, "-c", str(checkpoint), "-q"]) == 0
     assert capsys.readouterr().err == ""

@@ -465,7 +465,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for every subcommand except the LightningCLI ones."""
+    from vit import __version__
+
     parser = argparse.ArgumentParser(prog="vit", description="Vision Transformer toolkit.")
+    parser.add_argument("--version", action="version", version=f"vit {__version__}")
     sub = parser.add_subparsers(dest="command")
     for name in LIGHTNING_COMMANDS:  # main() hands these to LightningCLI first: here for --help and the choices
         sub.add_parser(name, help=f"LightningCLI's {name}: vit {name} --config configs/X.yaml (see vit {name} --help)")

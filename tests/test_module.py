@@ -205,3 +205,9 @@ def test_the_logs_hold_each_written_steps_own_loss_and_learning_rate(tmp_path):
     for row in rows:
         loss, lr = record.seen[int(row["step"])]
         assert float(row["train/loss"]) == pytest.approx(loss) and float(row["train/lr"]) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize(("classes", "metrics"), [(3, ["val/acc"]), (10, ["val/acc", "val/acc5"])])
+def test_top5_accuracy_is_reported_only_when_there_are_more_than_five_classes(classes, metrics):
+    module = ViTClassifier(model_name="vit_nano_patch4_32", num_classes=classes)
+    assert sorted(module.val_metrics.keys()) == metrics  # with five or fewer, top-5 accuracy is always 1

@@ -39,3 +39,14 @@ def test_slow_rate_updates_first_and_last_batches_only(monkeypatch, tmp_path):
 
 def test_fast_rate_updates_every_batch(monkeypatch, tmp_path):
     assert _updates(monkeypatch, tmp_path, refresh_rate=10**9) == [(e, b) for e in range(2) for b in range(8)]
+
+
+def test_the_bar_shows_no_v_num(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    bar = RateLimitedRichProgressBar()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=CSVLogger(tmp_path), callbacks=[bar],
+                        limit_val_batches=0, enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(BoringModel())
+    assert "v_num" in RichProgressBar.get_metrics(bar, trainer, trainer.lightning_module)  # Lightning's bar has it
+    assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)

@@ -152,7 +152,8 @@ class ViTClassifier(L.LightningModule):
             self.ema.requires_grad_(False)
         if n >= 2:  # a headless model (num_classes=0) gets its head, and metrics, from the data at setup
             accuracy = partial(MulticlassAccuracy, n, average="micro")
-            metrics = MetricCollection({"acc": accuracy(top_k=1), "acc5": accuracy(top_k=min(5, n))})
+            top = {"acc": accuracy(top_k=1)} | ({"acc5": accuracy(top_k=5)} if n > 5 else {})  # else always 1.0
+            metrics = MetricCollection(top)
             self.val_metrics = metrics.clone(prefix="val/")
             self.test_metrics = metrics.clone(prefix="test/")
         mixing = h.mixup_alpha > 0 or h.cutmix_alpha > 0

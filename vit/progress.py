@@ -30,3 +30,9 @@ class RateLimitedRichProgressBar(RichProgressBar):
             return
         self._next_update = now + (1 / self.refresh_rate if self.refresh_rate > 0 else 0.0)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The logged metrics, without Lightning's `v_num` (the run's version, which Rich shows as 0.000)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

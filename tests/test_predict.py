@@ -501,11 +501,12 @@ def test_amp_option_reaches_the_model(checkpoint, images, capsys, monkeypatch):
         assert max(abs(p[i] - q[i]) for i in p.keys() & q.keys()) < 0.01
 
 
-def test_amp_warning_is_one_line_on_the_command_line(checkpoint, images, capsys, monkeypatch):
+@pytest.mark.parametrize("amp", [["--amp"], ["--amp-dtype", "bfloat16"]])  # naming the type implies --amp
+def test_amp_warning_is_one_line_on_the_command_line(checkpoint, images, capsys, monkeypatch, amp):
     import vit.precision
 
     monkeypatch.setattr(vit.precision, "matmul_speedup", lambda dtype: 0.25)
-    assert main(["predict", images[0], "-c", str(checkpoint), "--amp", "--format", "json"]) == 0
+    assert main(["predict", images[0], "-c", str(checkpoint), *amp, "--format", "json"]) == 0
     assert capsys.readouterr().err.splitlines() == [
         "vit predict: warning: amp makes prediction slower here: a bfloat16 matrix product ran 4.0 times slower "
         "than a float32 one on this CPU (bfloat16 is fast only on CPUs with AMX); predict without it"

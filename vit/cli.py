@@ -114,7 +114,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         help="run the model under autocast in --amp-dtype: several times faster on GPUs and on CPUs with AMX "
         "(it warns where it is slower); probabilities move by up to about 0.01",
     )
-    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument(
+        "--amp-dtype", choices=("bfloat16", "float16"), help="the autocast type; implies --amp (default: bfloat16)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(handler=_predict)
 
@@ -129,8 +131,8 @@ def _predict(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        amp=args.amp,
-        amp_dtype=getattr(torch, args.amp_dtype),
+        amp=args.amp or args.amp_dtype is not None,
+        amp_dtype=getattr(torch, args.amp_dtype or "bfloat16"),
         model_name=args.model,
     )
     results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)

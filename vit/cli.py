@@ -252,6 +252,12 @@ def _innermost_reason(message: str) -> str:
         return message
     if len(keys) > 1:  # a class's own argument: the class's parser said what is wrong
         return f"{keys[0][0]}.{keys[1][0]}: {keys[1][1].strip()}"
+    required = re.search(
+        r"Problem with given class_path '[^']+':\s*\n\s*the following arguments are required: (.+)", message
+    )
+    if required:  # e.g. ImageFolderDataModule without train_dir
+        names = ", ".join(f"--{keys[0][0]}.{name.strip()}" for name in required.group(1).split(","))
+        return f"{names} {'is' if ',' not in names else 'are'} required"
     types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", message.split("Errors:")[0])
     given = re.search(r"Given value: (.*)", message)
     if not types or not given:

@@ -297,6 +297,17 @@ def test_safetensors_round_trip_keeps_config_class_names_and_preprocessing(tmp_p
     assert torch.equal(logits(loaded, x), logits(model, x))
 
 
+def test_safetensors_files_get_the_mode_the_umask_gives_a_new_file(tmp_path):
+    import os
+
+    umask = os.umask(0o022)  # safetensors alone writes 0600: a shared model others cannot read
+    try:
+        path = vit.save_safetensors(vit.create_model("vit_nano_patch4_32"), tmp_path / "nano.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_lightning_checkpoint_contract_is_read(tmp_path, tiny_pair, batch_for):
     reference, ours = tiny_pair
     data_config = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",

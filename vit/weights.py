@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import warnings
@@ -535,6 +536,9 @@ def save_safetensors(
         meta["class_names"] = list(class_names)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode open() would, as torch.save does
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return Path(path)
 
 

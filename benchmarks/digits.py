@@ -71,7 +71,7 @@ def summary(name: str, values: list[float], reference: dict[str, float]) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
     args = parser.parse_args()
@@ -91,7 +91,9 @@ def main() -> None:
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in results.items())
             print(f"seed {seed}: `vit fit` {seconds:.1f} s wall; test accuracy {scores}", flush=True)
 
-    print(f"\nvit fit --config {args.config} --seed_everything {{{','.join(map(str, args.seeds))}}}, then vit test:")
+    seeds = ",".join(map(str, args.seeds))
+    seeds = f"{{{seeds}}}" if len(args.seeds) > 1 else seeds  # the shell's brace expansion for several
+    print(f"\nvit fit --config {args.config} --seed_everything {seeds}, then vit test:")
     for name, values in results.items():
         summary(name, values, reference)
     print(

@@ -70,7 +70,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main() -> None:
     """Build the images and the checkpoint, time both paths (best of --repeats), print images/s and the ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None, help="Predictor's decoding workers (default: its own)")
@@ -123,7 +123,8 @@ def main() -> None:
     print(f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"plain loop: {n / min(plain_s):8.1f} images/s")
     print(f"Predictor:  {n / min(predictor_s):8.1f} images/s")
-    print(f"ratio Predictor / plain loop: {min(plain_s) / min(predictor_s):.2f} (target >= 1.0)")
+    note = "a smoke run, not a measurement" if args.quick else "target >= 1.0"
+    print(f"ratio Predictor / plain loop: {min(plain_s) / min(predictor_s):.2f} ({note})")
     print(f"top-1 agreement: {agree}/{n}")
     if args.amp:
         print(

@@ -289,6 +289,8 @@ def _lightning_main(argv: list[str]) -> int:
     # summary counts bf16-mixed weights as 32-bit (which they are), and an advert for its cloud logger on every run
     warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", ".*is not supported by the model summary.*")
+    if argv[0] != "fit":  # a test or validation run writes no checkpoints: the best score it would not track is moot
+        warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
     cli = _lightning_cli_class()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
     try:

@@ -280,6 +280,7 @@ def test_a_class_folder_without_training_images_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err == f"vit fit: error: {tmp_path / 'photos'}: no images in the class folder(s) eel\n"
+    assert not list(Path("runs").glob("*/version_*"))  # no folder of a run that never started: the next is version_0
 
 
 def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_own(tmp_path, capsys):

@@ -327,7 +327,13 @@ def _lightning_cli_class() -> type:
     from vit.module import ViTClassifier
     from vit.progress import RateLimitedRichProgressBar
     from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint, SayHowToResume
-    from vit.safety import EndAllRanksOnError, StopOnNonFiniteLoss, WarnIfHalfPrecisionIsSlow, check_checkpoint
+    from vit.safety import (
+        DropTheRunFolderOfAFailedStart,
+        EndAllRanksOnError,
+        StopOnNonFiniteLoss,
+        WarnIfHalfPrecisionIsSlow,
+        check_checkpoint,
+    )
 
     class BriefErrorsParser(LightningArgumentParser):
         """LightningCLI's parser, whose errors show one usage line rather than all 80-odd options, and a value of
@@ -389,6 +395,7 @@ def _lightning_cli_class() -> type:
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
+            guards.append(DropTheRunFolderOfAFailedStart())
             callbacks = [*callbacks, self.last_checkpoint, *guards]
             if self.subcommand == "fit":
                 callbacks += [RNGStateCheckpoint(), SayHowToResume(self.last_checkpoint)]

@@ -57,6 +57,26 @@ class StopOnNonFiniteLoss(Callback):
             )
 
 
+class DropTheRunFolderOfAFailedStart(Callback):
+    """A run that fails before its first step (a data folder with one class, a head that does not fit) would
+    leave runs/<name>/version_N/ holding only its config, and push the next run's number up by one: remove such
+    a folder, and only when it holds nothing but the files a start writes."""
+
+    START_FILES = frozenset({"config.yaml", "hparams.yaml"})
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero or trainer.global_step or trainer.logger is None:
+            return
+        log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: a collective, here after a failure
+        folder = Path(log_dir) if log_dir else None
+        if folder is None or not folder.is_dir():
+            return
+        if {f.name for f in folder.iterdir()} <= self.START_FILES:
+            for name in self.START_FILES & {f.name for f in folder.iterdir()}:
+                (folder / name).unlink()
+            folder.rmdir()
+
+
 class EndAllRanksOnError(Callback):
     """When the launching process (rank 0) of a single-node DDP run fails, kill the ranks it started at once.
 

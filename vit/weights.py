@@ -253,7 +253,10 @@ def hf_preprocessing(
             "instead",
             stacklevel=3,
         )
-    numbers = lambda key, default, n=in_chans: _numbers(config.get(key, default), n, key, source)
+
+    def numbers(key: str, default: Any, n: int = in_chans) -> list[float]:
+        return _numbers(config.get(key, default), n, key, source)
+
     scale = 255 * numbers("rescale_factor", 1 / 255, 1)[0] if config.get("do_rescale", True) else 255
     normalize = config.get("do_normalize", True)
     mean, std = (

@@ -129,7 +129,7 @@ def _clock_rates() -> tuple[float, float]:
 
 
 def _timed_cli_class() -> type:
-    from vit.cli import _lightning_cli_class
+    from vit.lightning_cli import _lightning_cli_class
 
     class TimedCLI(_lightning_cli_class()):
         """`vit fit`'s CLI plus the clock, which runs after every other callback."""

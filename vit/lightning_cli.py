@@ -1,0 +1,228 @@
+"""`vit fit | validate | test`: LightningCLI over `ViTClassifier` and the `vit.data` modules, with the run folders,
+checkpoints and guards that `vit fit` adds, and errors as one line (status 2) instead of LightningCLI's usage dump
+or a traceback. `vit.cli` hands these subcommands over; importing Lightning takes seconds, so only they do."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+from vit.cli import USER_ERRORS, _one_line_warning
+
+
+def _lightning_main(argv: list[str]) -> int:
+    """fit / validate / test through `ViTLightningCLI`; user errors become one line and status 2."""
+    # We choose the loader processes on purpose (none for in-memory data without RandAugment, else cores - 1).
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
+    # Lightning's notes that ask nothing of the user: its pytree helper's deprecation under newer torch, that the
+    # summary counts bf16-mixed weights as 32-bit (which they are), and an advert for its cloud logger on every run
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", ".*is not supported by the model summary.*")
+    if argv[0] != "fit":  # a test or validation run writes no checkpoints: the best score it would not track is moot
+        warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
+    cli = _lightning_cli_class()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(argv[0])
+            cli(args=argv)
+    except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
+        return e.code if isinstance(e.code, int) else 2
+    except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning
+        name = type(e).__name__
+        if isinstance(e, USER_ERRORS) or name == "MisconfigurationException":  # e.g. --trainer.max_epochs -3
+            # jsonargparse reports a class that failed to build ("Does not validate against any of the Union
+            # subtypes"), with the class's own error, which names the file and the problem, as the cause
+            while isinstance(e.__cause__, USER_ERRORS):
+                e = e.__cause__
+            print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        if name == "NonFiniteTrainingError":  # a run that went wrong, not a bad command line
+            print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+@functools.cache
+def _lightning_cli_class() -> type:
+    """`ViTLightningCLI`, defined on first use so that the light subcommands do not import Lightning (seconds)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from vit.data import VisionDataModule
+    from vit.module import ViTClassifier
+    from vit.progress import RateLimitedRichProgressBar
+    from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint, SayHowToResume
+    from vit.safety import (
+        DropTheRunFolderOfAFailedStart,
+        EndAllRanksOnError,
+        StopOnNonFiniteLoss,
+        WarnIfHalfPrecisionIsSlow,
+        check_checkpoint,
+    )
+
+    class BriefErrorsParser(LightningArgumentParser):
+        """LightningCLI's parser, whose errors show one usage line rather than all 80-odd options, and a value of
+        the wrong type in the data or model section as its key and reason rather than jsonargparse's Union dump."""
+
+        def print_usage(self, file: Any = None) -> None:
+            prog = self.prog.replace(" [options]", "")
+            print(f"usage: {prog} --config CONFIG [--model.* ...] [--data.* ...] [--trainer.* ...]", file=file)
+
+        def error(self, message: str, ex: Exception | None = None) -> Any:
+            super().error(_innermost_reason(message) if self.exit_on_error else message, ex)
+
+    class ViTLightningCLI(LightningCLI):
+        """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/
+        with CSV logs and checkpoints/best.ckpt + last.ckpt, and ends by printing where and how it went."""
+
+        def __init__(self, args: list[str]):
+            super().__init__(
+                ViTClassifier,
+                VisionDataModule,
+                subclass_mode_data=True,
+                trainer_defaults={
+                    "logger": {
+                        "class_path": f"{CSVLogger.__module__}.CSVLogger",
+                        "init_args": {"save_dir": "runs", "name": "vit"},
+                    }
+                },
+                save_config_kwargs={"overwrite": True},
+                parser_class=BriefErrorsParser,
+                args=args,
+            )
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--torch_threads",
+                type=int | None,
+                default=None,
+                help="CPU threads for torch (torch.set_num_threads); tiny models train fastest with 1, above all "
+                "on a busy machine. Default: torch's choice.",
+            )
+            parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/acc",
+                    "checkpoint.mode": "max",
+                    "checkpoint.filename": "best",
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            """Adds last.ckpt written at every epoch (ModelCheckpoint's own save_last follows the monitored
+            checkpoint, so it stops at the last improvement), the non-finite-loss guard, a warning when this CPU
+            can only emulate the half precision asked for, the RNG states in every checkpoint (exact resume),
+            checkpoints written atomically, and Lightning's Rich bar unless the config has a progress bar of its
+            own or turns bars off."""
+            config = self._get(self.config_init, "trainer", default={})
+            callbacks = config.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
+            guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
+            guards.append(DropTheRunFolderOfAFailedStart())
+            callbacks = [*callbacks, self.last_checkpoint, *guards]
+            if self.subcommand == "fit":
+                callbacks += [RNGStateCheckpoint(), SayHowToResume(self.last_checkpoint)]
+            plugins = config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the user's wins
+                kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            if config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                # Lightning's default redraws from a thread woken 100 times a second, which takes the GIL (and
+                # a core's share) from the training loop, and updates after every batch; 10 a second look as smooth
+                callbacks.append(RateLimitedRichProgressBar(refresh_rate=10))
+            trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+            # The monitored checkpoint must come first: it is `trainer.checkpoint_callback`, and `--ckpt_path best`
+            trainer.callbacks.remove(self.last_checkpoint)
+            trainer.callbacks.append(self.last_checkpoint)
+            return trainer
+
+        def _parse_ckpt_path(self) -> None:
+            """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
+            subcommand = self.config.get("subcommand")
+            check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            super()._parse_ckpt_path()
+
+        def before_instantiate_classes(self) -> None:
+            import torch
+
+            config = self.config[self.subcommand]
+            # Lightning's torch.load unpickles anything when asked to (or under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+            if "weights_only" in config:
+                config["weights_only"] = True
+            # Denormal floats (below 1e-38) appear as a model trains and make CPU arithmetic on them many times
+            # slower (measured: 305 vs 446 images/s for a trained CIFAR ViT on one thread). Flushing them to zero
+            # changes nothing a float32 model can tell; the threads torch starts later inherit the setting.
+            torch.set_flush_denormal(True)
+            threads = config.get("torch_threads")
+            if threads:
+                torch.set_num_threads(threads)
+            # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork safety with GPUs); without a GPU it only
+            # makes torch.cuda.is_available(), which AdamW calls every step, load NVML anew each time (ms under load).
+            if not torch.cuda.is_available():
+                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+        def after_fit(self) -> None:
+            self._report(fitted=True)
+
+        def after_validate(self) -> None:
+            self._report()
+
+        def after_test(self) -> None:
+            self._report()
+
+        def _report(self, fitted: bool = False) -> None:
+            # plain print: paths must not be wrapped or read as Rich markup
+            trainer = self.trainer
+            run_folder = trainer.log_dir  # every rank: under DDP this is a broadcast from rank 0
+            if not trainer.is_global_zero:  # one report per run, not one per process
+                return
+            print(f"run folder: {run_folder}")
+            if fitted:
+                best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
+                print(f"checkpoints: best {best}  last {last}")
+                metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
+                print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    return ViTLightningCLI
+
+
+def _innermost_reason(message: str) -> str:
+    """'data.batch_size: Expected a <class 'int'>. Got value: ten' from jsonargparse's report of a class argument
+    that failed ('Parser key "data": Does not validate against any of the Union subtypes ... Parser key
+    "batch_size": Expected ...'); other messages as they are."""
+    keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*(.+)', message)
+    if "Does not validate against any of the Union subtypes" not in message or not keys:
+        return message
+    if len(keys) > 1:  # a class's own argument: the class's parser said what is wrong
+        return f"{keys[0][0]}.{keys[1][0]}: {keys[1][1].strip()}"
+    required = re.search(
+        r"Problem with given class_path '[^']+':\s*\n\s*the following arguments are required: (.+)", message
+    )
+    if required:  # e.g. ImageFolderDataModule without train_dir
+        names = ", ".join(f"--{keys[0][0]}.{name.strip()}" for name in required.group(1).split(","))
+        return f"{names} {'is' if ',' not in names else 'are'} required"
+    types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", message.split("Errors:")[0])
+    given = re.search(r"Given value: (.*)", message)
+    if not types or not given:
+        return message
+    types = ["null" if t == "NoneType" else t for t in types]  # as a YAML file or the command line spells it
+    return f"{keys[0][0]}: expected {' or '.join(types)}, got {given.group(1).strip()!r}"
+
+
+def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()

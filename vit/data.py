@@ -342,6 +342,10 @@ class ImageFolderDataModule(VisionDataModule):
         val_dir, test_dir = self.hparams.val_dir, self.hparams.test_dir
         if "train" in needed or ("val" in needed and val_dir is None):
             train = self._scan(self.train_dir)
+            # a class without training images would be a head output that nothing trains
+            empty = sorted(set(self.class_names) - {self.class_names[t] for t in train.targets})
+            if empty:
+                raise ValueError(f"{self.train_dir}: no images in the class folder(s) {', '.join(empty[:5])}")
             kept, val = range(len(train.targets)), None
             if val_dir is None:
                 kept, val = carve(train.targets, kept, self.hparams.val_fraction, self.hparams.split_seed)
@@ -368,10 +372,6 @@ class ImageFolderDataModule(VisionDataModule):
         samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
             raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(IMG_EXTENSIONS)})")
-        if folder == self.train_dir:  # a class without training images would be a head output nothing trains
-            empty = sorted(set(self.class_names) - {self.class_names[t] for _, t in samples})
-            if empty:
-                raise ValueError(f"{folder}: no images in the class folder(s) {', '.join(empty[:5])}")
         return FileImages(samples)
 
 

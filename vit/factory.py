@@ -6,9 +6,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vit.model import VisionTransformer, ViTConfig
+
+if TYPE_CHECKING:  # vit.weights imports this module
+    from vit.weights import Checkpoint
 
 # (embed_dim, depth, num_heads) as in the ViT, DeiT and AugReg papers; 'nano' is ours, for 32 px inputs.
 SIZES: dict[str, dict[str, Any]] = {
@@ -64,16 +67,16 @@ def model_config(name: str, **overrides: Any) -> ViTConfig:
 def create_model(
     name: str,
     *,
-    pretrained: bool | str | Path = False,
+    pretrained: bool | str | Path | Checkpoint = False,
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> VisionTransformer:
     """Build a named variant, optionally with weights.
 
-    `pretrained` is True (the timm tag in `name`, or timm's default tag), a timm tag, or a local checkpoint
-    path in any format `vit.load_pretrained` reads. With `num_classes=None` a pretrained model keeps the
-    checkpoint's head; otherwise a differing head is reset.
+    `pretrained` is True (the timm tag in `name`, or timm's default tag), a timm tag, a local checkpoint
+    path in any format `vit.load_pretrained` reads, or a `Checkpoint` already read. With `num_classes=None` a
+    pretrained model keeps the checkpoint's head; otherwise a differing head is reset.
     """
     from vit.weights import read_checkpoint, transfer_weights
 

@@ -114,19 +114,20 @@ class ViTClassifier(L.LightningModule):
         checkpoint = read_checkpoint(source) if source else None
         self._pretrained_classes = checkpoint.class_names if checkpoint else None  # what its head was trained on
         if h.model_config is None and h.model_name is not None:
-            # a pretrained model keeps the checkpoint's head until `setup` matches it to the data
-            classes = h.num_classes if h.num_classes is not None or checkpoint is None else checkpoint.num_classes
-            model = create_model(h.model_name, num_classes=classes, img_size=h.img_size, **overrides)
-            if checkpoint is not None:
-                try:
-                    transfer_weights(model, checkpoint)
-                except CheckpointError as e:
-                    if checkpoint.model_config is None:
-                        raise
-                    raise CheckpointError(
-                        f"{e}; the checkpoint carries its own architecture: --model.model_name null builds it"
-                    ) from None
-            return model
+            try:  # a pretrained model keeps the checkpoint's head until `setup` matches it to the data
+                return create_model(
+                    h.model_name,
+                    pretrained=checkpoint or False,
+                    num_classes=h.num_classes,
+                    img_size=h.img_size,
+                    **overrides,
+                )
+            except CheckpointError as e:
+                if checkpoint is None or checkpoint.model_config is None:
+                    raise
+                raise CheckpointError(
+                    f"{e}; the checkpoint carries its own architecture: --model.model_name null builds it"
+                ) from None
         config = h.model_config or (checkpoint.model_config if checkpoint else None)
         if config is None:
             where = f"{h.pretrained} carries no model config; " if checkpoint else ""

@@ -71,8 +71,9 @@ class DropTheRunFolderOfAFailedStart(Callback):
         folder = Path(log_dir) if log_dir else None
         if folder is None or not folder.is_dir():
             return
-        if {f.name for f in folder.iterdir()} <= self.START_FILES:
-            for name in self.START_FILES & {f.name for f in folder.iterdir()}:
+        names = {f.name for f in folder.iterdir()}
+        if names <= self.START_FILES:
+            for name in names:
                 (folder / name).unlink()
             folder.rmdir()
 

@@ -83,8 +83,11 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_checkpoint(source: str | Path | Mapping[str, Any]) -> Checkpoint:
-    """Read weights from a state dict, a local file or folder, a URL, or a timm name/tag (downloaded)."""
+def read_checkpoint(source: str | Path | Mapping[str, Any] | Checkpoint) -> Checkpoint:
+    """Read weights from a state dict, a local file or folder, a URL, or a timm name/tag (downloaded); a
+    `Checkpoint` already read passes through."""
+    if isinstance(source, Checkpoint):
+        return source
     if isinstance(source, Mapping):
         return Checkpoint(_to_timm_keys(dict(source), "<state dict>"), "<state dict>")
     text = str(source)

@@ -4,6 +4,7 @@ hand and timm's own transforms on the checkpoint's preprocessing."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,70 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(predictor, tmp_path):
     expected = reference(Image.fromarray(np.stack([eight_bit] * 3, -1)))
     torch.testing.assert_close(predictor.preprocess(tmp_path / "deep.png"), expected, rtol=0, atol=1e-6)
     assert classified(predictor.predict(tmp_path / "deep.png")[0])
+
+
+RAMP = np.linspace(0, 1, 24 * 32).reshape(24, 32)  # a gradient over [0, 1], both ends included
+
+
+# (samples written with Pillow, file suffix, the mode Pillow opens it in, 8-bit reading as a function of the samples)
+WIDE_IMAGES = {
+    "float_in_0_1": (RAMP.astype(np.float32), "tif", "F", lambda x: 255 * x),
+    "float_in_0_255": ((0.3 + 254.4 * RAMP).astype(np.float32), "tif", "F", lambda x: x),
+    "float_in_0_65535": ((65535 * RAMP).astype(np.float32), "tif", "F", lambda x: x / 257),
+    "int32_in_0_255": ((255 * RAMP).round().astype(np.int32), "tif", "I", lambda x: x),
+    "int32_in_0_65535": ((65535 * RAMP).round().astype(np.int32), "tif", "I", lambda x: x / 257),
+    "uint16_big_endian": ((65535 * RAMP).round().astype(">u2"), "tif", "I;16B", lambda x: x / 257),
+    "dark_uint16": ((200 * RAMP).round().astype(np.uint16), "tif", "I;16", lambda x: x / 257),  # 16 bits: scaled
+    "dark_16_bit_pgm": ((200 * RAMP).round().astype(np.uint16), "pgm", "I", lambda x: x / 257),  # Pillow says 'I'
+}
+
+
+@pytest.mark.parametrize("kind", WIDE_IMAGES)
+def test_float_and_32_bit_images_are_scaled_to_8_bits_by_their_range(kind, predictor, tmp_path):
+    samples, suffix, mode, to_8_bit = WIDE_IMAGES[kind]
+    path = tmp_path / f"{kind}.{suffix}"
+    Image.fromarray(samples).save(path)
+    assert Image.open(path).mode == mode
+    expected = np.round(to_8_bit(samples.astype(np.float64))).astype(np.uint8)
+    assert expected.min() == 0 and expected.max() > 0  # a black reading would be caught
+    assert np.array_equal(np.asarray(read_image(path, "L")), expected)
+    reference_input = reference(Image.fromarray(np.stack([expected] * 3, -1)))
+    torch.testing.assert_close(predictor.preprocess(path), reference_input, rtol=0, atol=1e-6)
+    assert classified(predictor.predict(path)[0])
+
+
+BAD_SAMPLES = {
+    "nan": (np.where(RAMP > 0.5, np.nan, RAMP).astype(np.float32), "NaN or infinite"),
+    "infinity": (np.where(RAMP > 0.5, np.inf, RAMP).astype(np.float32), "NaN or infinite"),
+    "negative_float": ((RAMP - 0.5).astype(np.float32), "from -0.5 to 0.5 ('F' image)"),
+    "int32_above_65535": ((70000 * RAMP).round().astype(np.int32), "from 0 to 70000 ('I' image)"),
+    "negative_int32": ((300 * RAMP).round().astype(np.int32) - 3, "from -3 to 297 ('I' image)"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_SAMPLES)
+def test_samples_no_scale_shows_are_a_one_line_error_for_that_file(kind, predictor, tmp_path):
+    samples, problem = BAD_SAMPLES[kind]
+    Image.fromarray(samples).save(tmp_path / "bad.tif")
+    Image.fromarray(RAMP.astype(np.float32)).save(tmp_path / "good.tif")
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        read_image(tmp_path / "bad.tif")
+    bad, good = predictor.predict([tmp_path / "bad.tif", tmp_path / "good.tif"])
+    assert problem in bad["error"] and "\n" not in bad["error"] and bad["predictions"] == []
+    assert classified(good)
+
+
+def test_vit_predict_names_a_float_image_out_of_range_and_classifies_the_others(checkpoint, tmp_path, capsys):
+    Image.fromarray((2 * RAMP - 1).astype(np.float32)).save(tmp_path / "signed.tif")
+    Image.fromarray(RAMP.astype(np.float32)).save(tmp_path / "unit.tif")
+    argv = ["predict", str(tmp_path / "signed.tif"), str(tmp_path / "unit.tif"), "-c", str(checkpoint)]
+    assert main([*argv, "--format", "json"]) == 1
+    signed, unit = json.loads(capsys.readouterr().out)
+    assert signed["path"] == str(tmp_path / "signed.tif") and "from -1 to 1" in signed["error"]
+    (expected,) = Predictor.from_checkpoint(checkpoint, num_workers=0).predict(tmp_path / "unit.tif")
+    assert unit["error"] is None and [p["index"] for p in unit["predictions"]] == [
+        p["index"] for p in expected["predictions"]
+    ]
 
 
 def test_exif_orientation_is_honoured(predictor, tmp_path):

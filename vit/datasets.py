@@ -31,7 +31,7 @@ class FileImages:
         self.targets = [t for _, t in samples]
 
     def load(self, i: int, mode: str) -> Image.Image:
-        return read_image(self.paths[i], mode)  # as `vit predict` reads it: upright, alpha on white, 16-bit scaled
+        return read_image(self.paths[i], mode)  # as `vit predict` reads it: upright, alpha on white, 8-bit
 
     def name(self, i: int) -> str:
         return self.paths[i]

@@ -39,7 +39,8 @@ TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cro
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer on a white page shows them
 FEW_IMAGES = 8  # a progress bar only above this many inputs
 EXIF_ORIENTATION = 0x0112
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one sample wider than 8 bits: see _to_8_bit
+SIXTEEN_BIT_FORMATS = ("PNG", "PPM")  # their samples have at most 16 bits, yet Pillow may open them as 32-bit 'I'
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme and '//': Path() would turn 'https://' into 'https:/'
 EMPTY_SOURCE = "an empty string names no file or folder (an unset shell variable?)"
 
@@ -69,13 +70,13 @@ def find_images(sources: Iterable[ImageSource]) -> list[ImageSource]:
 # ------------------------------------------------------------------------------------------ reading images
 def read_image(source: ImageSource, mode: str = "RGB", min_size: int | None = None) -> Image.Image:
     """Open an image as 8-bit 'RGB' or 'L', upright (EXIF orientation applied), alpha composited on white,
-    16-bit samples scaled (not clipped) to 8 bits.
+    16-bit, 32-bit integer and float samples scaled (not clipped) to 8 bits by `_to_8_bit`'s rule.
 
     A JPEG at least twice `min_size` on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL's
     `draft`), never below `min_size`: the resize that follows gives nearly the same pixels, many times faster.
     """
     if isinstance(source, Image.Image):
-        return _convert(ImageOps.exif_transpose(source), mode)
+        return _convert(ImageOps.exif_transpose(source), mode, source.format)
     if _is_url(source):
         raise ValueError("URLs are not read as images: download the file first")
     path = Path(source)
@@ -88,19 +89,19 @@ def read_image(source: ImageSource, mode: str = "RGB", min_size: int | None = No
         if min_size and img.format == "JPEG":
             img.draft(None, (min_size, min_size))  # keeps both sides >= min_size
         img.load()  # decodes; a truncated file fails here
+        file_format = img.format  # the transposed copy below has none
         if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
             img = ImageOps.exif_transpose(img)
-        return _convert(img, mode)
+        return _convert(img, mode, file_format)
 
 
 def _is_url(source: ImageSource) -> bool:
     return isinstance(source, str) and URL.match(source) is not None
 
 
-def _convert(img: Image.Image, mode: str) -> Image.Image:
-    if img.mode in SIXTEEN_BIT:  # PIL's own conversion to 'L' clips everything above 255
-        samples = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8), "L")  # 65535 -> 255
+def _convert(img: Image.Image, mode: str, file_format: str | None = None) -> Image.Image:
+    if img.mode in WIDE_MODES:  # PIL's own conversion to 'L' clips above 255 and truncates floats ([0, 1] -> black)
+        img = _to_8_bit(img, sixteen_bit=img.mode.startswith("I;16") or file_format in SIXTEEN_BIT_FORMATS)
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("LA", "La", "PA", "RGBa"):
@@ -108,6 +109,31 @@ def _convert(img: Image.Image, mode: str) -> Image.Image:
     if img.mode == "RGBA":
         img = Image.alpha_composite(Image.new("RGBA", img.size, (*BACKGROUND, 255)), img)
     return img if img.mode == mode else img.convert(mode)
+
+
+def _to_8_bit(img: Image.Image, sixteen_bit: bool) -> Image.Image:
+    """A single-channel image of wide samples as 8-bit 'L', rounded. The scale: 1/257 (65535 -> 255) for samples
+    stored in 16 bits; otherwise (32-bit integers, floats) by the image's range: floats all within [0, 1] times
+    255, samples all within [0, 255] as they are, all within [0, 65535] times 1/257. NaN, infinity, negative
+    samples or samples above 65535 are a ValueError naming the range: no fixed scale would show them faithfully."""
+    samples = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{img.mode!r} image with NaN or infinite sample values: cannot scale it to 8 bits")
+    low, high = (samples.min(), samples.max()) if samples.size else (0.0, 0.0)
+    if sixteen_bit and low >= 0 and high <= 65535:
+        scale = 1 / 257
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        scale = 255.0
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    elif low >= 0 and high <= 65535:
+        scale = 1 / 257
+    else:
+        raise ValueError(
+            f"sample values from {low:g} to {high:g} ({img.mode!r} image) fit none of the ranges read: "
+            "[0, 1] (floats), [0, 255], [0, 65535]"
+        )
+    return Image.fromarray(np.rint(samples * scale).astype(np.uint8), "L")
 
 
 def describe_error(error: BaseException) -> str:

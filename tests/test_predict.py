@@ -490,7 +490,22 @@ def test_models_lists_timm_parameter_counts_and_input_sizes(name, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if name in line).split()
     timm_params = sum(p.numel() for p in timm.create_model(name).parameters())
     size = name.rsplit("_", 1)[1]
-    assert row[1] == f"{timm_params / 1e6:.1f}" and row[2] == f"{size}x{size}"
+    assert row[1] == f"{timm_params / 1e6:.1f}M" and row[2] == f"{size}x{size}"
+
+
+def test_models_shows_timms_default_pretrained_tag_or_a_dash_where_timm_has_no_weights(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 100
+    shown = {line.split()[0]: line.split()[-1] for line in lines if line.strip().startswith("vit_")}
+    assert sorted(shown) == vit.list_models()
+    with_weights = timm.list_pretrained()  # every tag timm has weights for
+    for name, tag in shown.items():
+        tags = [t for t in with_weights if t.split(".", 1)[0] == name]
+        assert tag == (timm.models.get_pretrained_cfg(name).tag if tags else "-")
+        assert tag == "-" or f"{name}.{tag}" in tags
+    assert shown["vit_nano_patch4_32"] == "-" and not timm.is_model("vit_nano_patch4_32")  # a name of our own
+    assert shown["vit_base_patch16_224"] != "-"
 
 
 def test_models_with_no_match_is_a_usage_error(capsys):

@@ -31,24 +31,28 @@ def _models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from vit.factory import list_models, model_config
+    from vit.factory import list_models, model_config, timm_tags
 
     names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no model matches {args.pattern!r}")
-    table = Table("name", "params (M)", "input", "patch", "dim", "depth", "heads", box=None)
+    header = ("name", "params", "input", "patch", "dim", "depth", "heads", "pretrained (timm tag)")
+    table = Table(*header, box=None, pad_edge=False)
     for name in names:
         cfg = model_config(name)
+        tags = timm_tags(name)  # none: a name of our own or an untrained timm architecture, so no pretrained=True
         table.add_row(
             name,
-            f"{_count_params(cfg) / 1e6:.1f}",
+            f"{_count_params(cfg) / 1e6:.1f}M",
             "x".join(map(str, cfg.img_hw)),
             str(cfg.patch_size),
             str(cfg.embed_dim),
             str(cfg.depth),
             str(cfg.num_heads),
+            tags[0].split(".", 1)[1] if tags else "-",
         )
-    Console(width=120).print(table)
+    Console(width=100).print(table)
+    print("'-': timm has no weights for the name; other tags: timm.list_pretrained('NAME.*')")
     return 0
 
 

@@ -54,6 +54,17 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in VARIANTS if fnmatch.fnmatch(name, pattern))
 
 
+def timm_tags(name: str) -> list[str]:
+    """The timm tags with pretrained weights for a variant, timm's default tag first (`create_model(name,
+    pretrained=True)` loads it); [] for names of our own and for timm architectures that timm has no weights for."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    tags = timm.list_pretrained(f"{name}.*")  # only tags with weights: timm's 'untrained' placeholder is left out
+    default = f"{name}.{get_pretrained_cfg(name).tag}" if tags else None
+    return sorted(tags, key=lambda tag: tag != default)  # stable: the default first, then timm's order
+
+
 def model_config(name: str, **overrides: Any) -> ViTConfig:
     """The `ViTConfig` of a named variant (a timm tag suffix such as `.augreg_in21k` is ignored)."""
     arch = name.split(".", 1)[0]

@@ -579,6 +579,22 @@ def test_a_name_that_is_neither_a_path_nor_a_timm_model_says_so(tmp_path, monkey
         vit.read_checkpoint(source)
 
 
+@pytest.mark.parametrize(
+    "source", ["vit_nano_patch4_32", "vit_base_patch16_reg4_gap_256", "vit_small_patch16_224.no_tag"]
+)
+def test_a_model_name_without_timm_weights_says_so_without_asking_the_network(tmp_path, monkeypatch, source):
+    import timm
+
+    # ours, an architecture timm leaves untrained, a tag timm lacks: timm's own list is the oracle
+    assert not timm.list_pretrained(source if "." in source else f"{source}.*")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("asked the network"))
+    with pytest.raises(
+        vit.CheckpointError, match=rf"^{re.escape(source)}: timm has no pretrained weights of that name"
+    ):
+        vit.read_checkpoint(source)
+
+
 def test_file_url_is_downloaded_into_the_hub_cache_and_read(tmp_path, monkeypatch, timm_file, batch_for):
     reference, path = timm_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

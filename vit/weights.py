@@ -303,7 +303,13 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     from vit.hub import hub_offline, hub_unreachable
 
     tag = tag.removeprefix("timm/")
-    if not tag.startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(tag):  # a typo, not a download to try
+    if not tag.startswith(("hf-hub:", "hf_hub:")) and not timm.list_pretrained(tag if "." in tag else f"{tag}.*"):
+        arch = tag.split(".", 1)[0]  # a name of ours, an architecture timm leaves untrained, a wrong tag or a typo
+        if arch in VARIANTS or timm.is_model(arch):
+            raise CheckpointError(
+                f"{tag}: timm has no pretrained weights of that name (`vit models` shows the names that have "
+                "them); train it from scratch (--model.model_name) or pass a local weights file"
+            )
         raise CheckpointError(f"{tag}: no such file or folder, and not a timm model name (see `vit models`)")
     offline = "offline mode is on (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode() else hub_unreachable()
     try:

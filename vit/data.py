@@ -234,14 +234,17 @@ class VisionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    # Lightning's model summary passes the model's example input, a bare tensor, through these hooks too: only a
+    # batch from our loaders, (images, labels[, skipped]), is unpacked and augmented (the summary draws no RNG)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if len(batch) == 3:  # some images were unreadable: remember them, pass the rest on
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:  # unreadable images: remember them, pass the rest
             self.skipped.update(dict(batch[2]))
             batch = batch[:2]
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.in_memory and self.trainer is not None and self.trainer.training:
+        loader_batch = isinstance(batch, (tuple, list))
+        if loader_batch and self.in_memory and self.trainer is not None and self.trainer.training:
             batch = (self.batch_augment(batch[0]), *batch[1:])
         return batch
 

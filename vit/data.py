@@ -37,6 +37,9 @@ from vit.datasets import (
     collate_skipping,
     read_cifar_file,
 )
+from vit.lightning_notes import silence_lightning_notes
+
+silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -149,6 +152,7 @@ class VisionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Resolve the preprocessing, then build the splits `stage` needs."""
+        silence_lightning_notes()  # again: a warnings.catch_warnings around the import would have undone it
         model = getattr(self.trainer.lightning_module, "model", None) if self.trainer else None
         # Without a model (the module used on its own) timm's ImageNet defaults fill what is not given.
         base = getattr(model, "pretrained_cfg", None) or {"input_size": (3, 224, 224)}

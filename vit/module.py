@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.data import plain_data_config
 from vit.factory import create_model
 from vit.flops import counting_cpu_attention
+from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
 from vit.weights import CheckpointError, _short_list, read_checkpoint, transfer_weights
 
@@ -213,6 +214,7 @@ class ViTClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         """Match the head to the data's classes and take the data's preprocessing and class names."""
+        silence_lightning_notes()  # again: a warnings.catch_warnings around the import would have undone it
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and getattr(datamodule, "class_names", None):
             self._match_classes(len(datamodule.class_names), type(datamodule).__name__)

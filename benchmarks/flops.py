@@ -22,14 +22,11 @@ import statistics
 import torch
 from common import check_same_logits, header, interleaved, model_pair
 from speed import inference_step
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit.flops import CPU_ATTENTION  # the op SDPA runs on CPU, counted with torch's formula for the GPU kernels
 
 MM_SIZE = 2048
-CPU_ATTENTION = {  # the op SDPA runs on CPU, counted with torch's formula for the GPU kernels
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: (
-        sdpa_flop_count(q, k, v)
-    )
-}
 
 
 def forward_flops(model: torch.nn.Module, x: torch.Tensor, attention: bool = True) -> int:

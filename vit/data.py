@@ -37,6 +37,9 @@ from vit.datasets import (
     collate_skipping,
     read_cifar_file,
 )
+from vit.lightning_notes import silence_lightning_notes
+
+silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -149,6 +152,7 @@ class VisionDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Resolve the preprocessing, then build the splits `stage` needs."""
+        silence_lightning_notes()  # again: a warnings.catch_warnings around the import would have undone it
         model = getattr(self.trainer.lightning_module, "model", None) if self.trainer else None
         # Without a model (the module used on its own) timm's ImageNet defaults fill what is not given.
         base = getattr(model, "pretrained_cfg", None) or {"input_size": (3, 224, 224)}
@@ -234,14 +238,17 @@ class VisionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    # Lightning's model summary passes the model's example input, a bare tensor, through these hooks too: only a
+    # batch from our loaders, (images, labels[, skipped]), is unpacked and augmented (the summary draws no RNG)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if len(batch) == 3:  # some images were unreadable: remember them, pass the rest on
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:  # unreadable images: remember them, pass the rest
             self.skipped.update(dict(batch[2]))
             batch = batch[:2]
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.in_memory and self.trainer is not None and self.trainer.training:
+        loader_batch = isinstance(batch, (tuple, list))
+        if loader_batch and self.in_memory and self.trainer is not None and self.trainer.training:
             batch = (self.batch_augment(batch[0]), *batch[1:])
         return batch
 

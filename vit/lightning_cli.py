@@ -5,7 +5,6 @@ or a traceback. `vit.cli` hands these subcommands over; importing Lightning take
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -13,6 +12,7 @@ import warnings
 from typing import Any
 
 from vit.cli import USER_ERRORS, _one_line_warning
+from vit.lightning_notes import silence_lightning_notes
 
 
 def _lightning_main(argv: list[str]) -> int:
@@ -21,14 +21,10 @@ def _lightning_main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
-    # Lightning's notes that ask nothing of the user: its pytree helper's deprecation under newer torch, that the
-    # summary counts bf16-mixed weights as 32-bit (which they are), and an advert for its cloud logger on every run
-    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    warnings.filterwarnings("ignore", ".*is not supported by the model summary.*")
     if argv[0] != "fit":  # a test or validation run writes no checkpoints: the best score it would not track is moot
         warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
     cli = _lightning_cli_class()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_the_litlogger_tip)
+    silence_lightning_notes()  # again, as a caller's warnings.catch_warnings may have undone the import's
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(argv[0])
@@ -222,7 +218,3 @@ def _innermost_reason(message: str) -> str:
         return message
     types = ["null" if t == "NoneType" else t for t in types]  # as a YAML file or the command line spells it
     return f"{keys[0][0]}: expected {' or '.join(types)}, got {given.group(1).strip()!r}"
-
-
-def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
-    return "litlogger" not in record.getMessage()

@@ -3,6 +3,7 @@ LR decay, warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -11,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
@@ -22,6 +24,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vit.data import plain_data_config
 from vit.factory import create_model
+from vit.flops import counting_cpu_attention
+from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
 from vit.weights import CheckpointError, _short_list, read_checkpoint, transfer_weights
 
@@ -45,6 +49,28 @@ class WarmupCosine:
             return 1.0
         progress = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CountCpuAttentionInTheSummary(Callback):
+    """Lightning's model summary (a callback's `on_fit_start`, before this one's: a module's callbacks come last)
+    counts CPU attention by torch's SDPA formula: `vit.flops.counting_cpu_attention` is open from setup until fit
+    start, or until an error ends the run, and torch's FLOP registry is as it was afterwards."""
+
+    def __init__(self) -> None:
+        self._scope = contextlib.ExitStack()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # only fit prints a summary
+            self._scope.enter_context(counting_cpu_attention())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scope.close()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._scope.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._scope.close()
 
 
 class ViTClassifier(L.LightningModule):
@@ -166,6 +192,20 @@ class ViTClassifier(L.LightningModule):
             else None
         )
 
+    @property
+    def example_input_array(self) -> torch.Tensor:
+        """One zero image of the model's input size, in its parameters' dtype (bf16-true and 16-true convert them):
+        Lightning's model summary runs it, in eval mode and without gradients, for its FLOPs and tensor sizes."""
+        return torch.zeros(
+            1, self.model.cfg.in_chans, *self.model.cfg.img_hw, dtype=next(self.model.parameters()).dtype
+        )
+
+    def configure_callbacks(self) -> list[Callback]:
+        # Once per Trainer: Lightning announces a callback that replaces one of the same type (a test after a fit)
+        if any(isinstance(c, CountCpuAttentionInTheSummary) for c in self.trainer.callbacks):
+            return []
+        return [CountCpuAttentionInTheSummary()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes); in eval mode from the EMA weights when EMA is on."""
         net = self.ema.module if self.ema is not None and not self.training else self.model
@@ -174,6 +214,7 @@ class ViTClassifier(L.LightningModule):
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         """Match the head to the data's classes and take the data's preprocessing and class names."""
+        silence_lightning_notes()  # again: a warnings.catch_warnings around the import would have undone it
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and getattr(datamodule, "class_names", None):
             self._match_classes(len(datamodule.class_names), type(datamodule).__name__)

@@ -127,6 +127,16 @@ def test_fine_tuning_from_a_local_checkpoint_resamples_positions_and_resets_the_
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
+def test_pretrained_true_means_timms_default_weights_for_model_name(tmp_path, monkeypatch, capsys):
+    # the digits variant is ours, so timm has no weights for it: the error names the variant, not a file 'true'
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("asked the network"))
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.pretrained", "true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit fit: error: ") and err.count("\n") == 0
+    assert "vit_nano_patch4_32: timm has no pretrained weights of that name" in err
+
+
 def test_print_config_shows_the_resolved_configuration(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out

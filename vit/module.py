@@ -81,8 +81,9 @@ class ViTClassifier(L.LightningModule):
             `pretrained` (a checkpoint that carries its config, such as a `vit fit` .ckpt).
         model_overrides: `ViTConfig` fields that change the variant, e.g. {'depth': 4, 'drop_path_rate': 0.1}.
         model_config: a whole `ViTConfig` as a dict; used instead of `model_name` when given.
-        pretrained: starting weights: a timm name or tag, or a local file in any format `vit.load_pretrained`
-            reads. A new input size resamples the position embeddings; a new class count resets the head.
+        pretrained: starting weights: True for timm's default weights of `model_name`, a timm name or tag, or a
+            local file in any format `vit.load_pretrained` reads. A new input size resamples the position
+            embeddings; a new class count resets the head.
         img_size: input size (a pretrained model is resampled to it).
         num_classes: classes of the head; None: as many as the data has. A number that differs from the
             data's is an error.
@@ -102,7 +103,7 @@ class ViTClassifier(L.LightningModule):
         model_name: str | None = "vit_nano_patch4_32",
         model_overrides: dict[str, Any] | None = None,
         model_config: dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         img_size: int | None = None,
         num_classes: int | None = None,
         lr: float = 1e-3,

@@ -308,7 +308,7 @@ def _read_timm_hub(tag: str) -> Checkpoint:
         if arch in VARIANTS or timm.is_model(arch):
             raise CheckpointError(
                 f"{tag}: timm has no pretrained weights of that name (`vit models` shows the names that have "
-                "them); train it from scratch (--model.model_name) or pass a local weights file"
+                "them): train it from scratch, or pass a local weights file"
             )
         raise CheckpointError(f"{tag}: no such file or folder, and not a timm model name (see `vit models`)")
     offline = "offline mode is on (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode() else hub_unreachable()

@@ -218,5 +218,53 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path):
     err = proc.communicate(timeout=60)[1]
     last = tmp_path / "runs/digits/version_0/checkpoints/last.ckpt"
     assert proc.returncode == 1, err[-3000:]
-    assert f"vit fit: stopped; {last.relative_to(tmp_path)} holds the last finished epoch: add --ckpt_path" in err
+    assert f"vit fit: stopped; {last.relative_to(tmp_path)} holds epoch 0: add --ckpt_path" in err
     assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+def _record_writes(monkeypatch) -> list[tuple[str, int, int]]:
+    """(file name, epoch, global step) of every checkpoint `vit fit` writes, in order."""
+    from vit.resume import AtomicCheckpointIO
+
+    writes, write = [], AtomicCheckpointIO.save_checkpoint
+
+    def recording(self, checkpoint, path, storage_options=None):
+        writes.append((Path(path).name, checkpoint["epoch"], checkpoint["global_step"]))
+        return write(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
+    return writes
+
+
+def _last_checkpoint_waits(monkeypatch, max_share: float, max_wait_s: float) -> None:
+    from functools import partialmethod
+
+    from vit.resume import LastCheckpoint
+
+    init = partialmethod(LastCheckpoint.__init__, max_share=max_share, max_wait_s=max_wait_s)
+    monkeypatch.setattr(LastCheckpoint, "__init__", init)
+
+
+@pytest.mark.parametrize("share, every_epoch", [(1e-9, False), (1.0, True)])
+def test_last_checkpoint_skips_epochs_shorter_than_its_writes_cost_but_never_the_last(
+    tmp_path, monkeypatch, share, every_epoch
+):
+    # 1e-9: a write (ms) would make the next wait for days, so only the first and the last epoch are written;
+    # a wait capped at 0 s writes every epoch, as Lightning's ModelCheckpoint does
+    _last_checkpoint_waits(monkeypatch, max_share=share, max_wait_s=0.0 if every_epoch else 1e9)
+    writes = _record_writes(monkeypatch)
+    _fit_in_process(tmp_path, "--trainer.max_epochs", "5", "--checkpoint.save_top_k", "0")
+    last = [(epoch, step) for name, epoch, step in writes if name == "last.ckpt"]
+    assert last == ([(e, 4 * (e + 1)) for e in range(5)] if every_epoch else [(0, 4), (4, 20)])
+
+
+def test_the_final_weights_reach_last_ckpt_even_when_no_checkpoint_hook_runs_after_the_last_epoch(tmp_path):
+    # validating every 2nd epoch, Lightning's ModelCheckpoint writes after validations only: epochs 1, 3, ...
+    every_2nd = ["--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2", *RANDOM_EVERYWHERE]
+    _fit_in_process(tmp_path / "every_2nd", *every_2nd)
+    last = tmp_path / "every_2nd/runs/digits/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 12  # 3 epochs of 4 steps, not epoch 1's 8
+    more = ["--trainer.max_epochs", "4", "--ckpt_path", str(last)]
+    _fit_in_process(tmp_path / "more", *more, "--trainer.check_val_every_n_epoch", "2", *RANDOM_EVERYWHERE)
+    resumed = torch.load(tmp_path / "more/runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert (resumed["epoch"], resumed["global_step"]) == (3, 16)  # went on from step 12

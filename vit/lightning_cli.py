@@ -50,7 +50,7 @@ def _lightning_main(argv: list[str]) -> int:
 @functools.cache
 def _lightning_cli_class() -> type:
     """`ViTLightningCLI`, defined on first use so that the light subcommands do not import Lightning (seconds)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
@@ -58,7 +58,7 @@ def _lightning_cli_class() -> type:
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier
     from vit.progress import RateLimitedRichProgressBar
-    from vit.resume import AtomicCheckpointIO, BestCheckpoint, RNGStateCheckpoint, SayHowToResume
+    from vit.resume import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, RNGStateCheckpoint, SayHowToResume
     from vit.safety import (
         DropTheRunFolderOfAFailedStart,
         EndAllRanksOnError,
@@ -117,15 +117,15 @@ def _lightning_cli_class() -> type:
             )
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
-            """Adds last.ckpt written at every epoch (ModelCheckpoint's own save_last follows the monitored
-            checkpoint, so it stops at the last improvement), the non-finite-loss guard, a warning when this CPU
-            can only emulate the half precision asked for, the RNG states in every checkpoint (exact resume),
-            checkpoints written atomically, and Lightning's Rich bar unless the config has a progress bar of its
-            own or turns bars off."""
+            """Adds last.ckpt written after every epoch, or every few when epochs are short (`LastCheckpoint`;
+            ModelCheckpoint's own save_last follows the monitored checkpoint, so it stops at the last improvement),
+            the non-finite-loss guard, a warning when this CPU can only emulate the half precision asked for, the
+            RNG states in every checkpoint (exact resume), checkpoints written atomically, and Lightning's Rich bar
+            unless the config has a progress bar of its own or turns bars off."""
             config = self._get(self.config_init, "trainer", default={})
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            self.last_checkpoint = ModelCheckpoint(filename="last", monitor=None, enable_version_counter=False)
+            self.last_checkpoint = LastCheckpoint()
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
             guards.append(DropTheRunFolderOfAFailedStart())
             callbacks = [*callbacks, self.last_checkpoint, *guards]

@@ -198,10 +198,11 @@ class SayHowToResume(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
-        path = self.last.best_model_path
+        path, epoch = self.last.best_model_path, self.last.written_epoch
+        held = "the last epoch written" if epoch is None else f"epoch {epoch}"  # None: restored, not written here
         if path:
             print(
-                f"vit fit: stopped; {path} holds epoch {self.last.written_epoch}: add --ckpt_path {path} to resume",
+                f"vit fit: stopped; {path} holds {held}: add --ckpt_path {path} to resume",
                 file=sys.stderr,
             )
         else:

@@ -66,6 +66,15 @@ def test_a_fresh_process_prints_none_of_lightnings_notes_that_ask_nothing_of_the
     assert "not supported by the model summary" not in output
 
 
+def test_checkpointing_turned_off_trains_without_writing_checkpoints(capsys):
+    # Lightning refuses enable_checkpointing=False beside a ModelCheckpoint: vit fit must then add none of its own
+    off = ["--trainer.enable_checkpointing", "false"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *off]) == 0
+    run = Path("runs/digits/version_0")
+    assert (run / "metrics.csv").exists() and not (run / "checkpoints").exists()
+    assert "checkpoints: none (--trainer.enable_checkpointing false)" in capsys.readouterr().out
+
+
 def test_last_checkpoint_is_the_final_model_even_when_the_best_is_older():
     # monitoring 'epoch' in min mode makes epoch 0 the best for good; last.ckpt must still follow every epoch
     never_better = ["--checkpoint.monitor", "epoch", "--checkpoint.mode", "min", "--trainer.max_epochs", "3"]

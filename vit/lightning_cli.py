@@ -125,12 +125,15 @@ def _lightning_cli_class() -> type:
             config = self._get(self.config_init, "trainer", default={})
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            self.last_checkpoint = LastCheckpoint()
+            # --trainer.enable_checkpointing false: no best.ckpt, no last.ckpt (Lightning refuses either otherwise)
+            self.last_checkpoint = LastCheckpoint() if config.get("enable_checkpointing") is not False else None
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
             guards.append(DropTheRunFolderOfAFailedStart())
-            callbacks = [*callbacks, self.last_checkpoint, *guards]
-            if self.subcommand == "fit":
-                callbacks += [RNGStateCheckpoint(), SayHowToResume(self.last_checkpoint)]
+            callbacks = [*callbacks, *guards, *([RNGStateCheckpoint()] if self.subcommand == "fit" else [])]
+            if self.last_checkpoint is not None:
+                callbacks.append(self.last_checkpoint)
+                if self.subcommand == "fit":
+                    callbacks.append(SayHowToResume(self.last_checkpoint))
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the user's wins
@@ -142,10 +145,16 @@ def _lightning_cli_class() -> type:
                 # a core's share) from the training loop, and updates after every batch; 10 a second look as smooth
                 callbacks.append(RateLimitedRichProgressBar(refresh_rate=10))
             trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
-            # The monitored checkpoint must come first: it is `trainer.checkpoint_callback`, and `--ckpt_path best`
-            trainer.callbacks.remove(self.last_checkpoint)
-            trainer.callbacks.append(self.last_checkpoint)
+            if self.last_checkpoint is not None:
+                # The monitored checkpoint must come first: it is `trainer.checkpoint_callback` (`--ckpt_path best`)
+                trainer.callbacks.remove(self.last_checkpoint)
+                trainer.callbacks.append(self.last_checkpoint)
             return trainer
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+            if self.last_checkpoint is None:  # checkpointing is off: drop best.ckpt's callback (`--checkpoint.*`)
+                callbacks = [c for c in callbacks if not isinstance(c, BestCheckpoint)]
+            return super()._instantiate_trainer(config, callbacks)
 
         def _parse_ckpt_path(self) -> None:
             """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
@@ -189,8 +198,11 @@ def _lightning_cli_class() -> type:
                 return
             print(f"run folder: {run_folder}")
             if fitted:
-                best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
-                print(f"checkpoints: best {best}  last {last}")
+                if self.last_checkpoint is None:
+                    print("checkpoints: none (--trainer.enable_checkpointing false)")
+                else:
+                    best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
+                    print(f"checkpoints: best {best}  last {last}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
                 print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

@@ -371,11 +371,12 @@ def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
         (["{image}", "--method", "rollout", "--layer", "1"], "--method raw"),
         (["{image}", "--layer", "7"], "layer 7"),
         (["{image}", "--target", "3"], "--target 3"),
+        (["{folder}"], "is a folder: vit attention draws the map of one image file"),  # not 'holds no images'
     ],
 )
 def test_cli_attention_reports_user_errors_in_one_line(checkpoint, tmp_path, capsys, args, message):
     _, path, image = checkpoint
-    args = [a.format(image=image, ckpt=path) for a in args]
+    args = [a.format(image=image, ckpt=path, folder=Path(image).parent) for a in args]
     status = vit.cli.main(["attention", *args, "--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("vit attention: error: ") and message in err

@@ -381,6 +381,7 @@ def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
     with pytest.raises(vit.CheckpointError) as err:
         vit.read_checkpoint(path)
     assert "photo.ckpt: not a readable PyTorch checkpoint" in str(err.value) and "refused" not in str(err.value)
+    assert "operand" not in str(err.value)  # the unpickler's reason ('Unsupported operand 137') means nothing here
 
 
 @pytest.mark.parametrize(
@@ -555,7 +556,7 @@ def test_uncached_timm_weights_fail_fast_when_the_hub_is_unreachable(tmp_path, m
         message.startswith(f"{NAME}: could not fetch timm weights: {closed_hub} is unreachable (")
         and "\n" not in message
     )
-    assert "not in the Hugging Face cache" in message and "--checkpoint PATH" in message
+    assert "not in the Hugging Face cache" in message and "local weights file or folder in its place" in message
 
 
 def test_hub_probe_leaves_proxies_to_decide_and_sees_a_listening_endpoint(monkeypatch, closed_hub):

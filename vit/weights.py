@@ -127,8 +127,12 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
         reason = " ".join((found.group(1) if found else str(e)).split())[:200]
-        if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+        if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file (and the
+            # unpickler's reason, e.g. 'Unsupported operand 8', says nothing to the user)
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a Hugging Face "
+                "folder)"
+            ) from None
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"
@@ -319,8 +323,8 @@ def _read_timm_hub(tag: str) -> Checkpoint:
         if offline and isinstance(e, LocalEntryNotFoundError):
             raise CheckpointError(
                 f"{tag}: could not fetch timm weights: {offline}, and they are not in the Hugging Face cache; pass a "
-                "local weights file or folder instead (--model.pretrained path/to/model.safetensors, --checkpoint "
-                "PATH), or download them on a connected machine"
+                "local weights file or folder in its place (e.g. path/to/model.safetensors), or download them on a "
+                "connected machine"
             ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None

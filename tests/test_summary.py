@@ -124,3 +124,12 @@ def test_the_summary_forward_leaves_seeded_training_unchanged():
         weights.append(classifier.state_dict())
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_with_ema_the_summary_counts_the_ema_model_that_evaluation_runs():
+    classifier = ViTClassifier(model_name=None, model_config=TINY, ema_decay=0.99)
+    summary = Summary(classifier, max_depth=1)
+    x = torch.zeros(1, TINY["in_chans"], TINY["img_size"], TINY["img_size"])
+    row = summary.layer_names.index("ema")
+    assert summary.in_sizes[row] == list(x.shape)  # '?' when the forward went around the EMA wrapper
+    assert sum(summary.flop_counts["ema"].values()) == counted(classifier.ema.module, x, {}) > 0

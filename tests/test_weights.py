@@ -375,6 +375,14 @@ def test_missing_file_says_so_instead_of_asking_the_hub(tmp_path, monkeypatch, s
         vit.read_checkpoint(source)
 
 
+def test_a_checkpoint_prints_as_a_summary_not_as_every_tensor(tmp_path):
+    model = vit.create_model(NAME, **SMALL)
+    checkpoint = vit.read_checkpoint(vit.save_safetensors(model, tmp_path / "w.safetensors", class_names=["a", "b"]))
+    shown = repr(checkpoint)
+    assert "tensor(" not in shown and f"{len(model.state_dict())} tensors" in shown and "w.safetensors" in shown
+    assert "class_names=[a, b]" in shown and len(shown) < 2000
+
+
 def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
     path = tmp_path / "photo.ckpt"
     Image.new("RGB", (8, 8)).save(path, format="PNG")

@@ -209,7 +209,8 @@ class ViTClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes); in eval mode from the EMA weights when EMA is on."""
-        net = self.ema.module if self.ema is not None and not self.training else self.model
+        # through the EMA wrapper, not its .module: Lightning's summary then shows the EMA row's FLOPs and sizes
+        net = self.ema if self.ema is not None and not self.training else self.model
         return net(x)
 
     # ------------------------------------------------------------------------------------------ setup

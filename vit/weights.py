@@ -81,6 +81,14 @@ class Checkpoint:
         head = self.state_dict.get("head.weight")
         return 0 if head is None else head.shape[0]
 
+    def __repr__(self) -> str:  # the dataclass's would print every tensor
+        names = self.class_names
+        classes = None if names is None else f"[{_short_list(names)}]"
+        return (
+            f"Checkpoint(source={self.source!r}, {len(self.state_dict)} tensors, num_classes={self.num_classes}, "
+            f"class_names={classes}, model_config={self.model_config}, data_config={self.data_config})"
+        )
+
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_checkpoint(source: str | Path | Mapping[str, Any] | Checkpoint) -> Checkpoint:

@@ -1,9 +1,10 @@
 """The `vit` command. fit / validate / test are LightningCLI (`vit.lightning_cli`); the other subcommands are small
 argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.weights`).
 
-User errors (a missing file, a bad checkpoint, a bad option) print one line and exit with status 2; they
-never print a traceback. Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with
-status 141, as a Unix tool stopped by SIGPIPE does.
+User errors (a missing checkpoint, a bad option) print one line and exit with status 2; they never print a
+traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
+Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with status 141, as a Unix
+tool stopped by SIGPIPE does.
 """
 
 from __future__ import annotations

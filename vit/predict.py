@@ -369,14 +369,18 @@ def _write_table(results: Sequence[Result], stream: IO[str]) -> None:
     from rich.text import Text  # Text, not markup: file names and labels may hold '[...]'
 
     table = Table("path", "rank", "label", "prob", box=None)
+    failures = []  # listed under the table: an error in the label column would widen it for every row
     for n, r in enumerate(results):
         path = Text(r["path"] if r["path"] is not None else f"<image {n}>")
         if r["error"] is not None:
-            table.add_row(path, "", Text(f"error: {r['error']}", style="red"), "")
+            failures.append(Text.assemble(path, ": ", (f"error: {r['error']}", "red")))
         for rank, p in enumerate(r["predictions"], 1):
             table.add_row(path if rank == 1 else "", str(rank), Text(p["label"]), f"{p['prob']:.3f}")
     console = Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
     with console.capture() as captured:
-        console.print(table)
+        if table.row_count:
+            console.print(table)
+        for failure in failures:
+            console.print(failure)
     # Line by line: Python drops the rest of one large write into a pipe closed early and raises nothing
     stream.writelines(captured.get().splitlines(keepends=True))

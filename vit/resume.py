@@ -147,7 +147,7 @@ class LastCheckpoint(ModelCheckpoint):
     """last.ckpt, rewritten at the end of every epoch unless that would spend more than `max_share` of the run on
     writing it: after a write that took t seconds, the next waits until t / max_share seconds have passed (or
     `max_wait_s`). Only epochs shorter than that are skipped, e.g. the digits set's half-second epochs, whose 16-ms
-    writes cost 3% of the run. The run's last epoch, and any stop, are always written.
+    writes cost 3% of the run. The run's last epoch, any stop, and the end of training are always written.
     """
 
     def __init__(self, max_share: float = 0.01, max_wait_s: float = 600.0):
@@ -174,7 +174,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        # a stop decided after this epoch's checkpoint was skipped (Lightning's max_time does so at the epoch's end)
+        # no checkpoint hook ran after the last epoch (validation every 2nd epoch, say, saves after validations)
         if not self._should_skip_saving_checkpoint(trainer):
             self._write(trainer, self._monitor_candidates(trainer))
 

@@ -203,7 +203,7 @@ def _attention(args: argparse.Namespace) -> int:
     if model.num_classes == 0:
         raise ValueError(f"{args.checkpoint}: the model has no classifier head to explain")
     # predict's reading and preprocessing, so that both commands see the same pixels and predict the same class
-    if isinstance(args.image, str) and Path(args.image).is_dir():
+    if Path(args.image).is_dir():  # argparse's `_source` hands over a str
         raise ValueError(f"{args.image} is a folder: vit attention draws the map of one image file")
     predictor = Predictor(model, class_names=checkpoint.class_names, data_config=checkpoint.data_config)
     try:

@@ -311,12 +311,14 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     from huggingface_hub.errors import LocalEntryNotFoundError
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
-    from vit.factory import VARIANTS
+    from vit.factory import VARIANTS, timm_tags
     from vit.hub import hub_offline, hub_unreachable
 
     tag = tag.removeprefix("timm/")
-    if not tag.startswith(("hf-hub:", "hf_hub:")) and not timm.list_pretrained(tag if "." in tag else f"{tag}.*"):
-        arch = tag.split(".", 1)[0]  # a name of ours, an architecture timm leaves untrained, a wrong tag or a typo
+    arch = tag.split(".", 1)[0]
+    tags = timm_tags(arch)
+    if not tag.startswith(("hf-hub:", "hf_hub:")) and (tag not in tags if "." in tag else not tags):
+        # a name of ours, an architecture timm leaves untrained, a wrong tag or a typo
         if arch in VARIANTS or timm.is_model(arch):
             raise CheckpointError(
                 f"{tag}: timm has no pretrained weights of that name (`vit models` shows the names that have "
@@ -339,7 +341,6 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
     subset = infer_imagenet_subset(reference)
     names = ImageNetInfo(subset).label_descriptions(as_dict=False) if subset else None
-    arch = tag.split(".", 1)[0]
     config = {**VARIANTS[arch], "num_classes": reference.num_classes} if arch in VARIANTS else None
     return Checkpoint(state, tag, config and ViTConfig(**config).to_dict(), names, resolve_data_config(model=reference))
 

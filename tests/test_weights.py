@@ -339,7 +339,8 @@ def test_checkpoint_that_does_not_fit_lists_the_offending_keys(tmp_path, tiny_pa
     with pytest.raises(vit.CheckpointError) as err, warnings.catch_warnings():
         warnings.simplefilter("error")  # a head of another width is mis-shaped, not "another class count"
         vit.create_model("vit_small_patch16_224", pretrained=path, **SMALL)
-    assert re.search(r"tiny2\.safetensors does not fit the model; mis-shaped: .*blocks\.0\.attn\.proj\.bias "
+    assert re.search(r"tiny2\.safetensors does not fit the model \(the checkpoint: width 192, depth 2; the model: "
+                     r"width 384, depth 2\); mis-shaped: .*blocks\.0\.attn\.proj\.bias "
                      r"\(192,\) vs model \(384,\).* and \d+ more", str(err.value))  # fmt: skip
     with pytest.raises(vit.CheckpointError, match=r"missing: blocks\.2\.norm1\.weight"):
         vit.create_model(NAME, pretrained=path, depth=3)

@@ -38,6 +38,8 @@ HF_ACTIVATIONS = {
     "quick_gelu": "quick_gelu",
 }
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # by PIL's ints
+# Hugging Face model types that are a plain ViT under their own name (MAE and MSN encoders are ViTModel's weights)
+HF_VIT_TYPES = ("vit", "vit_mae", "vit_msn")
 HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")  # no defaults
 # Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
 # transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
@@ -105,6 +107,11 @@ def read_checkpoint(source: str | Path | Mapping[str, Any] | Checkpoint) -> Chec
     if path.is_dir():
         return _read_hf_folder(path)
     if path.is_file():
+        if path.suffix.lower() == ".onnx":  # `vit export`'s other format: no weights to read back out of it
+            raise CheckpointError(
+                f"{text}: an ONNX model, which vit does not read; run it with onnxruntime, or pass the .ckpt it was "
+                "exported from or a .safetensors from `vit export`"
+            )
         readers = {".safetensors": _read_safetensors, ".npz": _read_npz}
         return readers.get(path.suffix, _read_torch)(path)
     if path.suffix in WEIGHT_SUFFIXES:  # a file name, never a timm tag
@@ -146,6 +153,11 @@ def _torch_load(path: Path) -> Any:
             f"code ({reason})"
         ) from None
     except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
+        if _is_cut_zip(path):  # torch's reason: 'failed finding central directory. This is an internal miniz error...'
+            raise CheckpointError(
+                f"{path}: a PyTorch checkpoint that is cut short or damaged (its zip archive has no central "
+                "directory): copy or save it again"
+            ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
@@ -156,6 +168,12 @@ def _looks_pickled(path: Path) -> bool:
     with open(path, "rb") as f:
         first = f.read(1)
     return first == b"\x80" or zipfile.is_zipfile(path)
+
+
+def _is_cut_zip(path: Path) -> bool:
+    """Opens as a zip (as torch.save writes) but has no readable central directory: a copy or write cut short."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -188,6 +206,12 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     if weights is None or not config_file.is_file():
         raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
     config = _read_json(config_file)
+    model_type = config.get("model_type", "vit")
+    if model_type not in HF_VIT_TYPES:  # DINOv2, DeiT, BEiT...: their keys or config would fail on less clear terms
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a ViT this reads (Hugging Face model types: "
+            f"{', '.join(HF_VIT_TYPES)})"
+        )
     checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
     checkpoint.source = str(path)
     checkpoint.model_config = hf_config_to_vit(config, num_classes=checkpoint.num_classes, source=config_file)
@@ -502,11 +526,24 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
             if keys
         ]
-        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not fit the model{_shape_note(state, cfg)}; " + "; ".join(parts))
     state = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(state, strict=False)
     if checkpoint.data_config:
         model.pretrained_cfg = {**model.pretrained_cfg, **checkpoint.data_config}
+
+
+def _shape_note(state: Mapping[str, torch.Tensor], cfg: ViTConfig) -> str:
+    """' (the checkpoint: width 384, depth 12; the model: width 192, depth 12)' when those differ, else '': the
+    gist of what may be a hundred mis-shaped keys (a ViT-S file given for a ViT-Ti, say)."""
+    proj = state.get(TIMM_ANCHOR)
+    width = proj.shape[0] if proj is not None else None
+    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if (width in (None, cfg.embed_dim)) and depth == cfg.depth:
+        return ""
+    return (
+        f" (the checkpoint: width {width or '?'}, depth {depth}; the model: width {cfg.embed_dim}, depth {cfg.depth})"
+    )
 
 
 def load_pretrained(

@@ -20,7 +20,21 @@ class PauseMidEpoch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             self.marker.write_text(str(trainer.global_step))
-            time.sleep(self.seconds)
+            end = time.monotonic() + self.seconds
+            # SIGTERM only sets a flag (Lightning acts on it between batches); SIGINT raises out of the sleep
+            while time.monotonic() < end and not trainer.received_sigterm:
+                time.sleep(0.05)
+
+
+class InterruptMidEpoch(Callback):
+    """Raise KeyboardInterrupt (what Ctrl-C raises) at batch `batch` of epoch `epoch`, in-process."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt
 
 
 class RaiseOnRank(Callback):

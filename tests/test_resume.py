@@ -205,7 +205,8 @@ def test_rng_states_restore_every_generator_including_cached_gaussians():
     assert draw() == before
 
 
-def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path):
+@pytest.mark.parametrize("sent, status", [(signal.SIGINT, 1), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_says_which_checkpoint_to_resume_from(tmp_path, sent, status):
     marker = tmp_path / "paused"
     pause = {"class_path": "_faults.PauseMidEpoch", "init_args": {"marker": str(marker), "epoch": 1, "batch": 1}}
     command = [sys.executable, "-m", "vit.cli", "fit", *TINY, "--trainer.max_epochs", "3"]
@@ -214,10 +215,10 @@ def test_ctrl_c_says_which_checkpoint_to_resume_from(tmp_path):
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C in epoch 1, after epoch 0's checkpoint
+    proc.send_signal(sent)  # Ctrl-C (or `kill`) in epoch 1, after epoch 0's checkpoint
     err = proc.communicate(timeout=60)[1]
     last = tmp_path / "runs/digits/version_0/checkpoints/last.ckpt"
-    assert proc.returncode == 1, err[-3000:]
+    assert proc.returncode == status, err[-3000:]  # not 2, which says the command line was wrong
     assert f"vit fit: stopped; {last.relative_to(tmp_path)} holds epoch 0: add --ckpt_path" in err
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
@@ -268,3 +269,30 @@ def test_the_final_weights_reach_last_ckpt_even_when_no_checkpoint_hook_runs_aft
     _fit_in_process(tmp_path / "more", *more, "--trainer.check_val_every_n_epoch", "2", *RANDOM_EVERYWHERE)
     resumed = torch.load(tmp_path / "more/runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
     assert (resumed["epoch"], resumed["global_step"]) == (3, 16)  # went on from step 12
+
+
+def test_last_ckpt_is_never_older_than_best_ckpt(tmp_path, monkeypatch, capsys):
+    # last.ckpt's own writes: epoch 0 and the end only; best.ckpt (monitoring the epoch) is written every epoch.
+    # Stopped in epoch 2, last.ckpt must hold epoch 1, as best.ckpt does, not send the user back to epoch 0.
+    _last_checkpoint_waits(monkeypatch, max_share=1e-9, max_wait_s=1e9)
+    writes = _record_writes(monkeypatch)
+    stop = {"class_path": "_faults.InterruptMidEpoch", "init_args": {"epoch": 2, "batch": 1}}
+    best_every_epoch = ["--checkpoint.monitor", "epoch", "--checkpoint.mode", "max"]
+    monkeypatch.chdir(tmp_path)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it caught one
+    try:
+        status = main(
+            ["fit", *TINY, *best_every_epoch, "--trainer.max_epochs", "4", f"--trainer.callbacks+={json.dumps(stop)}"]
+        )
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    folder = tmp_path / "runs/digits/version_0/checkpoints"
+    last, best = (torch.load(folder / name, weights_only=True) for name in ("last.ckpt", "best.ckpt"))
+    assert status == 1
+    assert ("last.ckpt", 1, 8) not in writes  # no second write: a link to best.ckpt's file
+    assert (last["epoch"], last["global_step"]) == (best["epoch"], best["global_step"]) == (1, 8)
+    assert not (folder / "last.ckpt").is_symlink()
+    assert (
+        f"{Path('runs/digits/version_0/checkpoints/last.ckpt')} holds epoch 1: add --ckpt_path"
+        in capsys.readouterr().err
+    )

@@ -30,6 +30,8 @@ def _lightning_main(argv: list[str]) -> int:
             warnings.showwarning = _one_line_warning(argv[0])
             cli(args=argv)
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
+        if type(e).__name__ == "SIGTERMException":  # Lightning's, after a SIGTERM: not a usage error (2)
+            return 128 + 15  # the status of a Unix command that SIGTERM ended
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning
         name = type(e).__name__

@@ -26,6 +26,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 CHECKPOINT_KEY = "rng_states"
 
@@ -160,6 +161,38 @@ class LastCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self._write_s is None or self._due(trainer):
             self._write(trainer, monitor_candidates)
+        else:
+            self._link_fresher(trainer, monitor_candidates)
+
+    def _link_fresher(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        """When another callback wrote a checkpoint at this very step (best.ckpt after an improving epoch), make
+        last.ckpt a hard link to it: the same state, at no cost, so last.ckpt is never older than best.ckpt (a kill
+        or Ctrl-C would otherwise send the user back past an epoch that is on disk). Only with `AtomicCheckpointIO`,
+        which replaces files by renaming and so never writes into the shared inode; a file system without hard
+        links gets a real write."""
+        fresher = [
+            cb._last_checkpoint_saved
+            for cb in trainer.checkpoint_callbacks
+            if cb is not self and cb._last_global_step_saved == trainer.global_step and cb._last_checkpoint_saved
+        ]
+        if not fresher or not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            return  # last.ckpt waits for its next due write
+        path = Path(self._get_metric_interpolated_filepath_name(monitor_candidates, trainer, self.best_model_path))
+        linked = True
+        if trainer.is_global_zero:
+            temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+            try:
+                os.link(fresher[-1], temp)
+                os.replace(temp, path)
+                _fsync_folder(path.parent)
+            except OSError:  # another file system, or none with hard links
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                linked = False
+        if not trainer.strategy.broadcast(linked, src=0):
+            return self._write(trainer, monitor_candidates)
+        self.best_model_path, self.written_epoch = str(path), trainer.current_epoch
+        self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, str(path)
 
     def _write(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         started = time.monotonic()
@@ -190,13 +223,14 @@ def _last_epoch(trainer: L.Trainer) -> bool:
 
 
 class SayHowToResume(Callback):
-    """When Ctrl-C stops `vit fit`, say which checkpoint to go on from, and which epoch it holds."""
+    """When Ctrl-C or SIGTERM (`kill`, `docker stop`, a scheduler) stops `vit fit`, say which checkpoint to go on
+    from, and which epoch it holds."""
 
     def __init__(self, last: LastCheckpoint):
         self.last = last
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.is_global_zero:
             return
         path, epoch = self.last.best_model_path, self.last.written_epoch
         held = "the last epoch written" if epoch is None else f"epoch {epoch}"  # None: restored, not written here

@@ -89,6 +89,65 @@ def test_every_command_refuses_the_payload_in_one_line(evil, command, capsys):
     assert not marker.exists() and not Path("a.png").exists() and not Path("m.safetensors").exists()
 
 
+def _damage(path: Path, how: str) -> None:
+    """Flip 8 bytes inside the largest tensor's data (a bad disk, a bad copy), or cut the file in half."""
+    data = bytearray(path.read_bytes())
+    if how == "cut":
+        path.write_bytes(data[: len(data) // 2])
+        return
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max((m for m in archive.infolist() if "/data/" in m.filename), key=lambda m: m.file_size)
+    # stored uncompressed after its local header: 30 bytes, then the name and the extra field
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
+    path.write_bytes(data)
+
+
+@pytest.fixture(params=["flipped", "cut"])
+def damaged(request, tmp_path, monkeypatch) -> Path:
+    """A `vit fit`-style .ckpt damaged after it was written."""
+    monkeypatch.chdir(tmp_path)
+    path = write_lightning_ckpt(tmp_path / "damaged.ckpt")
+    original = torch.load(path, weights_only=True)["state_dict"]
+    _damage(path, request.param)
+    if request.param == "flipped":  # torch.load itself does not notice: it returns other weights
+        loaded = torch.load(path, weights_only=True)["state_dict"]
+        assert any(not torch.equal(original[k], loaded[k]) for k in original)
+    return path
+
+
+def test_python_loaders_refuse_a_damaged_checkpoint(damaged):
+    with pytest.raises(CheckpointError, match=r"damaged\.ckpt: (truncated or )?damaged checkpoint"):
+        vit.load_model(damaged)
+    with pytest.raises(CheckpointError, match=r"damaged\.ckpt: (truncated or )?damaged checkpoint"):
+        ViTClassifier.load_from_checkpoint(damaged)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "x.png", "--checkpoint", "damaged.ckpt"],
+        ["attention", "x.png", "--checkpoint", "damaged.ckpt", "--out", "a.png"],
+        ["export", "--checkpoint", "damaged.ckpt", "--out", "m.safetensors"],
+        ["fit", *TINY_DIGITS, "--ckpt_path", "damaged.ckpt"],
+        ["validate", *TINY_DIGITS, "--ckpt_path", "damaged.ckpt"],
+    ],
+    ids=["predict", "attention", "export", "fit-resume", "validate"],
+)
+def test_every_command_refuses_a_damaged_checkpoint_in_one_line(damaged, command, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save("x.png")
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "damaged.ckpt: " in err and "damaged checkpoint" in err, err
+    assert not Path("a.png").exists() and not Path("m.safetensors").exists()
+
+
 def _fit(*extra: str) -> int:
     return main(["fit", *TINY_DIGITS, "--trainer.limit_train_batches", "3", *extra])
 

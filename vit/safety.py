@@ -26,7 +26,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 def check_checkpoint(path: Any) -> None:
     """Refuse (CheckpointError, one line naming the file) a local checkpoint that needs more than plain
-    weights to unpickle; Lightning's keywords ('last', 'best', 'hpc', 'registry') and None pass through."""
+    weights to unpickle, or whose bytes were damaged after it was written; Lightning's keywords ('last', 'best',
+    'hpc', 'registry') and None pass through."""
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         return  # Lightning resolves the keywords itself, to files we wrote, and reports missing files
     _torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle

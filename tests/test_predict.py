@@ -269,6 +269,22 @@ def test_unreadable_inputs_are_reported_while_the_others_are_classified(checkpoi
             assert classified(result)
 
 
+def test_a_broken_symbolic_link_in_a_folder_is_reported_not_dropped(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(smooth_rgb(40, 40)).save(photos / "good.jpg")
+    (photos / "gone.jpg").symlink_to(tmp_path / "moved_away.jpg")
+    (photos / "also_good.jpg").symlink_to(photos / "good.jpg")
+    assert main(["predict", str(photos), "--checkpoint", str(checkpoint), "--format", "json"]) == 1
+    results = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(results) == ["also_good.jpg", "gone.jpg", "good.jpg"]
+    assert classified(results["good.jpg"]) and classified(results["also_good.jpg"])
+    assert (
+        results["gone.jpg"]["error"].startswith("broken symbolic link (to ")
+        and "moved_away.jpg" in results["gone.jpg"]["error"]
+    )
+
+
 # ------------------------------------------------------------------------------------- the predictions
 def test_predictions_match_a_plain_loop_over_timm_transforms_and_the_model(checkpoint, tmp_path):
     paths = []

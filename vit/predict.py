@@ -62,7 +62,8 @@ def find_images(sources: Iterable[ImageSource]) -> list[ImageSource]:
         path = Path(source)
         found = []
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            # not is_file(): a broken symbolic link named like an image is reported, not silently left out
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
         items.extend(found or [source])  # an empty folder stays, to be reported as one
     return items
 
@@ -80,7 +81,12 @@ def read_image(source: ImageSource, mode: str = "RGB", min_size: int | None = No
     if _is_url(source):
         raise ValueError("URLs are not read as images: download the file first")
     path = Path(source)
-    info = path.stat()  # one call for both checks: training reads every image of a data set through here
+    try:
+        info = path.stat()  # one call for both checks: training reads every image of a data set through here
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ValueError(f"broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
+        raise
     if stat.S_ISDIR(info.st_mode):
         raise IsADirectoryError("folder holds no image files")
     if info.st_size == 0:

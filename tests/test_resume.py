@@ -296,3 +296,25 @@ def test_last_ckpt_is_never_older_than_best_ckpt(tmp_path, monkeypatch, capsys):
         f"{Path('runs/digits/version_0/checkpoints/last.ckpt')} holds epoch 1: add --ckpt_path"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("classes", [("ant", "bee"), ("ant", "bee", "cat", "dog")], ids=["fewer", "more"])
+def test_resuming_on_data_of_another_class_count_names_both_class_lists(tmp_path, monkeypatch, capsys, classes):
+    # the checkpoint's hyperparameters rebuild its own 3-class model, so `--model.num_classes` cannot be the way out
+    from _images import write_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(ROOT / "configs/imagefolder.yaml"), "--data.num_workers", "0"]
+    fit += ["--data.batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    write_image_folder(tmp_path / "three", classes=("cat", "dog", "fox"), per_class=4, size=16)
+    assert main([*fit, "--data.train_dir", "three", "--trainer.max_epochs", "1"]) == 0
+    last = Path("runs/imagefolder/version_0/checkpoints/last.ckpt")
+    write_image_folder(tmp_path / "other", classes=classes, per_class=4, size=16)
+    capsys.readouterr()
+    resume = ["--data.train_dir", "other", "--trainer.max_epochs", "2", "--ckpt_path", str(last)]
+    assert main([*fit, *resume, "--model.num_classes", str(len(classes))]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vit fit: error: {last} was trained on the classes cat, dog, fox, but the data has {', '.join(classes)}: "
+        "its outputs would be scored against other labels"
+    )
+    assert not Path("runs/imagefolder/version_1").exists()

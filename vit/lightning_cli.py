@@ -58,7 +58,7 @@ def _lightning_cli_class() -> type:
     from lightning.pytorch.plugins.io import CheckpointIO
 
     from vit.data import VisionDataModule
-    from vit.module import ViTClassifier
+    from vit.module import ViTClassifier, other_classes
     from vit.progress import RateLimitedRichProgressBar
     from vit.resume import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, RNGStateCheckpoint, SayHowToResume
     from vit.safety import (
@@ -161,8 +161,28 @@ def _lightning_cli_class() -> type:
         def _parse_ckpt_path(self) -> None:
             """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
             subcommand = self.config.get("subcommand")
-            check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            checkpoint = check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            meta = checkpoint.get("vit") if isinstance(checkpoint, dict) else None
+            self.checkpoint_classes = meta.get("class_names") if isinstance(meta, dict) else None
             super()._parse_ckpt_path()
+
+        def _refuse_other_classes(self) -> None:
+            """--ckpt_path on data of other classes: say so, naming both lists, before the checkpoint's model (whose
+            head fits its own classes) meets the data; when the class counts differ, the model's setup would
+            otherwise ask for --model.num_classes, which the checkpoint overrides."""
+            names = getattr(self.datamodule, "class_names", None)  # None until setup for the CIFAR modules
+            saved = getattr(self, "checkpoint_classes", None)
+            if saved and names and list(saved) != list(names):
+                raise ValueError(other_classes(self.config[self.subcommand]["ckpt_path"], saved, names))
+
+        def before_fit(self) -> None:
+            self._refuse_other_classes()
+
+        def before_validate(self) -> None:
+            self._refuse_other_classes()
+
+        def before_test(self) -> None:
+            self._refuse_other_classes()
 
         def before_instantiate_classes(self) -> None:
             import torch

@@ -372,10 +372,16 @@ class ViTClassifier(L.LightningModule):
         meta = checkpoint.get("vit") or {}
         saved = meta.get("class_names")
         if saved and self.class_names and list(saved) != list(self.class_names):  # the data's, set up just before
-            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
             raise ValueError(
-                f"{where} was trained on the classes {_short_list(list(saved), 5)}, but the data has "
-                f"{_short_list(list(self.class_names), 5)}: its outputs would be scored against other labels"
+                other_classes(getattr(self._trainer, "ckpt_path", None) or "the checkpoint", saved, self.class_names)
             )
         self.class_names = saved
         self.data_config = meta.get("data_config")
+
+
+def other_classes(checkpoint: str, saved: list[str], names: list[str]) -> str:
+    """The error for resuming, validating or testing a checkpoint on data of other classes."""
+    return (
+        f"{checkpoint} was trained on the classes {_short_list(list(saved), 5)}, but the data has "
+        f"{_short_list(list(names), 5)}: its outputs would be scored against other labels"
+    )

@@ -24,13 +24,13 @@ class NonFiniteTrainingError(RuntimeError):
     """The training loss or the weights became NaN or infinite; the message names the step."""
 
 
-def check_checkpoint(path: Any) -> None:
+def check_checkpoint(path: Any) -> Any:
     """Refuse (CheckpointError, one line naming the file) a local checkpoint that needs more than plain
     weights to unpickle, or whose bytes were damaged after it was written; Lightning's keywords ('last', 'best',
-    'hpc', 'registry') and None pass through."""
+    'hpc', 'registry') and None pass through (None returned). Returns the loaded checkpoint."""
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
-        return  # Lightning resolves the keywords itself, to files we wrote, and reports missing files
-    _torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle
+        return None  # Lightning resolves the keywords itself, to files we wrote, and reports missing files
+    return _torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle
 
 
 class StopOnNonFiniteLoss(Callback):

@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import auto_augment, create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import make_dataset
 
 from vit.datasets import (
     ArrayImages,
@@ -38,6 +38,7 @@ from vit.datasets import (
     read_cifar_file,
 )
 from vit.lightning_notes import silence_lightning_notes
+from vit.predict import IMAGE_EXTENSIONS
 
 silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 
@@ -376,9 +377,11 @@ class ImageFolderDataModule(VisionDataModule):
         if unknown:
             raise ValueError(f"{folder}: class folders not in {self.train_dir}: {', '.join(unknown[:5])}")
         index = {name: i for i, name in enumerate(self.class_names)}
-        samples = make_dataset(str(folder), index, extensions=IMG_EXTENSIONS, allow_empty=True)
+        # the extensions `vit predict` finds (torchvision's list lacks .gif, .jfif, .tga ...: silently left out)
+        extensions = tuple(sorted(IMAGE_EXTENSIONS))
+        samples = make_dataset(str(folder), index, extensions=extensions, allow_empty=True)
         if not samples:
-            raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(IMG_EXTENSIONS)})")
+            raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(extensions)})")
         return FileImages(samples)
 
 

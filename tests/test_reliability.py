@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -120,10 +121,14 @@ def damaged(request, tmp_path, monkeypatch) -> Path:
     return path
 
 
+# flipped bytes, or cut short
+DAMAGED = r"damaged\.ckpt: (a PyTorch checkpoint that is cut short or damaged|damaged checkpoint)"
+
+
 def test_python_loaders_refuse_a_damaged_checkpoint(damaged):
-    with pytest.raises(CheckpointError, match=r"damaged\.ckpt: (truncated or )?damaged checkpoint"):
+    with pytest.raises(CheckpointError, match=DAMAGED):
         vit.load_model(damaged)
-    with pytest.raises(CheckpointError, match=r"damaged\.ckpt: (truncated or )?damaged checkpoint"):
+    with pytest.raises(CheckpointError, match=DAMAGED):
         ViTClassifier.load_from_checkpoint(damaged)
 
 
@@ -144,7 +149,7 @@ def test_every_command_refuses_a_damaged_checkpoint_in_one_line(damaged, command
     Image.new("RGB", (32, 32)).save("x.png")
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "damaged.ckpt: " in err and "damaged checkpoint" in err, err
+    assert len(err.splitlines()) == 1 and re.search(DAMAGED, err), err
     assert not Path("a.png").exists() and not Path("m.safetensors").exists()
 
 

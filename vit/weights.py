@@ -154,11 +154,6 @@ def _torch_load(path: Path) -> Any:
             f"code ({reason})"
         ) from None
     except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
-        if _is_cut_zip(path):  # torch's reason: 'failed finding central directory. This is an internal miniz error...'
-            raise CheckpointError(
-                f"{path}: a PyTorch checkpoint that is cut short or damaged (its zip archive has no central "
-                "directory): copy or save it again"
-            ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
@@ -175,7 +170,10 @@ def _check_zip_checksums(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or damaged checkpoint (its zip archive does not open: {e})") from None
+        raise CheckpointError(
+            f"{path}: a PyTorch checkpoint that is cut short or damaged (its zip archive does not open: {e}): copy "
+            "or save it again"
+        ) from None
     if damaged is not None:
         raise CheckpointError(
             f"{path}: damaged checkpoint: {damaged} does not match its CRC-32 checksum (the file changed after it "
@@ -188,12 +186,6 @@ def _looks_pickled(path: Path) -> bool:
     with open(path, "rb") as f:
         first = f.read(1)
     return first == b"\x80" or zipfile.is_zipfile(path)
-
-
-def _is_cut_zip(path: Path) -> bool:
-    """Opens as a zip (as torch.save writes) but has no readable central directory: a copy or write cut short."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def _read_torch(path: Path) -> Checkpoint:

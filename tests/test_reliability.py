@@ -3,6 +3,7 @@ without spoiling the checkpoints, and two runs with the same seed agree exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -223,6 +224,30 @@ def test_a_checkpoint_of_non_finite_weights_is_never_written(tmp_path, monkeypat
         checkpoint = torch.load(folder / name, weights_only=True)
         assert checkpoint["global_step"] == 3
         assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_full_disk_stops_training_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+
+    def full_disk(checkpoint, f, *args, **kwargs):  # as torch's zip writer fails: an OSError, then its own error
+        if checkpoint["epoch"] == 0:
+            return save(checkpoint, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 the first bytes")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert _fit("--trainer.max_epochs", "2") == 1  # epoch 1 is the last: last.ckpt is due
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning:" not in line]
+    folder = Path("runs/digits/version_0/checkpoints")
+    assert len(err) == 1 and str(folder) in err[0], err
+    assert "could not write the checkpoint of epoch 1 (No space left on device)" in err[0]
+    assert "untouched" in err[0]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert not list(folder.glob(".*.tmp"))
 
 
 EVERY_STEP = ["--trainer.log_every_n_steps", "1"]  # the training loss of every step goes into metrics.csv

@@ -42,7 +42,7 @@ def _lightning_main(argv: list[str]) -> int:
                 e = e.__cause__
             print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return 2
-        if name == "NonFiniteTrainingError":  # a run that went wrong, not a bad command line
+        if name in ("NonFiniteTrainingError", "CheckpointWriteError"):  # a run that went wrong, not a bad command
             print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -90,6 +90,17 @@ class RNGStateCheckpoint(Callback):
         set_rng_state(saved["ranks"][trainer.global_rank], trainer.strategy.root_device)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount); the file it was to replace is untouched."""
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, if any: torch's zip writer reports a full disk as a RuntimeError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, but a local checkpoint is written to a temporary file in its own folder, synced,
     and renamed over the old one: a kill at any moment leaves the previous file or the new one, never a part.
@@ -108,10 +119,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 temp.unlink()
-            raise
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            before = f"the previous {path.name} is untouched" if path.is_file() else f"no {path.name} was written"
+            raise CheckpointWriteError(
+                f"{path}: could not write the checkpoint of epoch {checkpoint.get('epoch', '?')} "
+                f"({cause.strerror or cause}); training stopped, and {before}"
+            ) from e
         _fsync_folder(path.parent)  # the rename itself survives a power cut
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
             with contextlib.suppress(OSError):

@@ -441,13 +441,24 @@ def test_cli_attention_names_the_file_it_wrote_and_takes_o(checkpoint, tmp_path,
         assert figure.format == "PNG"
 
 
-@pytest.mark.parametrize("out, message", [("", "is a folder"), ("map.xyz", "'xyz'")])
+def test_cli_attention_makes_the_folders_of_out_as_export_does(checkpoint, tmp_path, capsys):
+    _, path, image = checkpoint
+    out = tmp_path / "figures" / "today" / "map.png"
+    assert vit.cli.main(["attention", str(image), "-c", str(path), "-o", str(out)]) == 0
+    with Image.open(out) as figure:
+        assert figure.format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "out, message", [("", "is a folder"), ("map.xyz", "'xyz'"), ("notes.txt/map.png", "is a file, not a folder")]
+)
 def test_cli_attention_refuses_an_out_it_cannot_write_in_one_line(checkpoint, tmp_path, capsys, out, message):
     _, path, image = checkpoint
     folder = tmp_path / "figures"
     folder.mkdir()
+    (folder / "notes.txt").write_text("a file where a folder is asked for")
     status = vit.cli.main(["attention", str(image), "-c", str(path), "--out", str(folder / out)])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("vit attention: error: ") and message in err
     assert len(err.splitlines()) == 1 and sorted(tmp_path.iterdir()) == sorted([folder, path, image])
-    assert not any(folder.iterdir())
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

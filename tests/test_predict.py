@@ -381,6 +381,14 @@ def test_usage_errors_exit_2_with_one_line(argv, checkpoint, images, capsys):
     assert err.startswith("vit predict: error: ") and "\n" not in err
 
 
+def test_a_headless_model_is_refused_naming_its_file(images, tmp_path, capsys):
+    backbone = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    path = vit.save_safetensors(backbone, tmp_path / "backbone.safetensors")
+    assert main(["predict", *images, "-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vit predict: error: {path}: the model has no classification head (num_classes=0)"
+
+
 @pytest.mark.parametrize("option", [["--topk", "0"], ["--format", "xml"], ["--batch-size", "-1"]])
 def test_bad_options_exit_2(option, checkpoint, images):
     with pytest.raises(SystemExit) as exit_:

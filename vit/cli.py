@@ -222,6 +222,7 @@ def _attention(args: argparse.Namespace) -> int:
     shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
     title = f"{label} (class {index}, p={probs[index]:.3f})"
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
+    out.parent.mkdir(parents=True, exist_ok=True)  # as `vit export` makes its --out's folders
     attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(out, dpi=120)
     kind = "predicted" if args.target is None else "target"
     print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
@@ -230,14 +231,15 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _figure_path(out: str) -> Path:
-    """The file `savefig(out)` will write, refused up front when it is a folder or a format matplotlib lacks."""
+    """The file `savefig(out)` will write, refused up front when it is a folder, lies under a file, or has a format
+    matplotlib lacks."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(out)
     if path.is_dir():  # savefig would write '<folder>.png' beside it
         raise ValueError(f"{out} is a folder: give the figure's file name, e.g. {path / 'attention.png'}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{out}: the folder {path.parent} does not exist")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{out}: {path.parent} is a file, not a folder")
     fmt = path.suffix.lstrip(".").lower()
     if not fmt:  # what savefig does with no suffix, made explicit so that we name the file it writes
         return path.with_name(f"{path.name}.png")

@@ -248,6 +248,8 @@ class Predictor:
         from vit.weights import load_model
 
         model, checkpoint = load_model(source, model_name)
+        if model.num_classes < 1:  # a backbone (a headless Hugging Face ViTModel, say): name the file
+            raise ValueError(f"{source}: the model has no classification head (num_classes=0)")
         return cls(
             model,
             class_names=checkpoint.class_names,

@@ -209,8 +209,9 @@ def test_training_reads_an_image_as_vit_predict_does(tmp_path):
     assert files.load(0, "RGB").size == (12, 20)  # stood upright
 
 
-# Python 3 pickles bytes and numpy buffers under protocol 2 as `_codecs.encode(text, 'latin1')` calls
-@pytest.mark.parametrize("protocol", [pickle.DEFAULT_PROTOCOL, 2])
+# Python 3 pickles bytes and numpy buffers under protocol 2 as `_codecs.encode(text, 'latin1')` calls, and numpy
+# arrays under protocol 5 (pickle.HIGHEST_PROTOCOL) as `numpy._core.numeric._frombuffer` calls
+@pytest.mark.parametrize("protocol", [pickle.DEFAULT_PROTOCOL, 2, 5])
 def test_cifar10_folder_in_torchvision_layout_loads_offline(tmp_path, monkeypatch, protocol):
     train_images, train_labels, test_images, test_labels = write_cifar10(tmp_path, protocol=protocol)
     dm = CIFAR10DataModule(

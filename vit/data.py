@@ -33,8 +33,10 @@ from vit.datasets import (
     batch_random_erasing,
     batch_random_resized_crop,
     carve,
+    cifar_entry,
     class_folders,
     collate_skipping,
+    read_cifar_batch,
     read_cifar_file,
 )
 from vit.lightning_notes import silence_lightning_notes
@@ -407,7 +409,8 @@ class CIFAR10DataModule(VisionDataModule):
         self.root = Path(data_dir) / self.spec.base_folder
 
     def prepare_data(self) -> None:
-        if self.hparams.download and not all((self.root / name).is_file() for name, _ in self._files()):
+        if self.hparams.download and self._missing():
+            self._refuse_the_folder_itself()  # rather than download a second copy inside the first
             from torchvision.datasets.utils import download_and_extract_archive
 
             spec = self.spec
@@ -424,21 +427,40 @@ class CIFAR10DataModule(VisionDataModule):
     def _files(self) -> list[tuple[str, str]]:
         return [*self.spec.train_list, *self.spec.test_list, (self.spec.meta["filename"], "")]
 
+    def _missing(self) -> list[str]:
+        return [name for name, _ in self._files() if not (self.root / name).is_file()]
+
+    def _refuse_the_folder_itself(self) -> None:
+        """data_dir one level too deep (the batch files themselves) gets its parent named, not a download."""
+        data_dir = Path(self.hparams.data_dir)
+        if any((data_dir / name).is_file() for name, _ in self._files()):
+            raise FileNotFoundError(
+                f"{data_dir} holds the {self.dataset_name} files itself: --data.data_dir is the folder above "
+                f"{self.spec.base_folder}/, here {data_dir.resolve().parent}"
+            )
+
     def _read(self, names: list[list[str]]) -> ArrayImages:
         images, targets = [], []
         for name, _md5 in names:
-            entry = read_cifar_file(self.root / name)
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
-        return ArrayImages(np.concatenate(images).transpose(0, 2, 3, 1), targets, f"{self.dataset_name}")
+            # torchvision's rule: CIFAR-10 has 'labels', CIFAR-100 'fine_labels' (and 'coarse_labels')
+            data, labels = read_cifar_batch(self.root / name, ["labels", "fine_labels"], len(self.class_names))
+            images.append(data)
+            targets.extend(labels)
+        return ArrayImages(np.concatenate(images), targets, f"{self.dataset_name}")
 
     def setup(self, stage: str) -> None:
-        missing = [name for name, _ in self._files() if not (self.root / name).is_file()]
+        missing = self._missing()
         if missing:
+            self._refuse_the_folder_itself()
             hint = "" if self.hparams.download else "; pass --data.download true to fetch it"
-            raise FileNotFoundError(f"{self.root}: no {self.dataset_name} copy (missing {missing[0]}){hint}")
-        meta = read_cifar_file(self.root / self.spec.meta["filename"])
-        self.class_names = [str(n) for n in meta[self.spec.meta["key"]]]
+            some = "an incomplete" if len(missing) < len(self._files()) else "no"
+            more = " ..." if len(missing) > 3 else ""
+            raise FileNotFoundError(
+                f"{self.root}: {some} {self.dataset_name} copy (missing {', '.join(missing[:3])}{more}){hint}"
+            )
+        meta_file = self.root / self.spec.meta["filename"]
+        names = cifar_entry(read_cifar_file(meta_file), [self.spec.meta["key"]], meta_file)
+        self.class_names = [str(n) for n in names]
         super().setup(stage)
 
     def _splits(self, needed: tuple[str, ...]) -> dict[str, tuple[Any, list[int]]]:

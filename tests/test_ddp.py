@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _cli import TINY_DIGITS
 
 from vit.cli import main
@@ -86,3 +87,22 @@ def test_an_exception_in_one_rank_ends_every_process_with_an_error(tmp_path, ran
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)  # checked the moment the command returned
     assert done.returncode != 0
     assert f"injected fault on rank {rank} at step 1" in done.stderr
+
+
+def test_a_resumed_ddp_run_with_loader_workers_trains_the_weights_of_the_uninterrupted_one(tmp_path):
+    # With loader workers the first resumed epoch's DistributedSampler indices are drawn when Lightning first sets
+    # the loader up, before it restores the epoch: without RNGStateCheckpoint's fix it replays epoch 0's shuffle.
+    every_epoch = ["--checkpoint.save_top_k", "-1", "--checkpoint.filename", "epoch{epoch}"]
+    two_epochs = ["--trainer.max_epochs", "2", "--data.num_workers", "1", *every_epoch]
+    whole, first = tmp_path / "whole", tmp_path / "resumed"
+    for folder in (whole, first):
+        folder.mkdir()
+    assert _vit_fit(whole, *two_epochs).returncode == 0
+    epoch0 = whole / "runs/digits/version_0/checkpoints/epoch0.ckpt"
+    done = _vit_fit(first, *two_epochs, "--ckpt_path", str(epoch0))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (
+        torch.load(folder / f"runs/digits/version_0/checkpoints/{name}.ckpt", weights_only=True)["state_dict"]
+        for folder, name in ((whole, "epoch1"), (first, "epoch1"))
+    )
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0

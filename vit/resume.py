@@ -87,7 +87,20 @@ class RNGStateCheckpoint(Callback):
                 f"{trainer.world_size}; the resumed run draws other random numbers"
             )
             return
-        set_rng_state(saved["ranks"][trainer.global_rank], trainer.strategy.root_device)
+        self._restored = saved["ranks"][trainer.global_rank]
+        set_rng_state(self._restored, trainer.strategy.root_device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restored, self._restored = getattr(self, "_restored", None), None
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if restored is None or trainer.world_size < 2 or fetcher is None:
+            return
+        # Lightning made the first resumed epoch's iterator before it restored the loop (the LR schedule's
+        # `estimated_stepping_batches` sets the loader up), with its DistributedSampler still at epoch 0; loader
+        # workers drew the indices then, so the run would replay epoch 0's shuffle. Now the sampler is at this
+        # epoch: make the iterator again, from the RNG states it was first made from (its worker seeds).
+        set_rng_state(restored, trainer.strategy.root_device)
+        iter(fetcher)
 
 
 class CheckpointWriteError(RuntimeError):

@@ -53,6 +53,17 @@ def test_fit_writes_a_run_folder_whose_checkpoints_every_loader_accepts(capsys):
         assert torch.allclose(module(x), fresh.eval()(x), atol=1e-6)
 
 
+def test_the_final_report_prints_a_small_learning_rate_as_the_value_it_is(capsys):
+    # e.g. the end of a schedule (lr * min_lr_ratio), which four decimals printed as 0.0000
+    every_step = ["--trainer.log_every_n_steps", "1", "--model.lr", "1e-4"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *every_step]) == 0
+    report = capsys.readouterr().out.split("final metrics: ")[1].split()
+    printed = dict(zip(report[::2], map(float, report[1::2])))
+    with open("runs/digits/version_0/metrics.csv") as f:
+        logged = [float(row["train/lr"]) for row in csv.DictReader(f) if row.get("train/lr")][-1]
+    assert 0 < logged < 1e-3 and printed["train/lr"] == pytest.approx(logged, rel=1e-3)
+
+
 def test_a_fresh_process_prints_none_of_lightnings_notes_that_ask_nothing_of_the_user(tmp_path):
     # a new process, since Python shows a warning once per place: an earlier test could have used it up
     command = [sys.executable, "-m", "vit.cli", "fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]

@@ -226,9 +226,15 @@ def _lightning_cli_class() -> type:
                     best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
                     print(f"checkpoints: best {best}  last {last}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
-                print("final metrics: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                print("final metrics: " + "  ".join(f"{k} {_format_metric(v)}" for k, v in metrics.items()))
 
     return ViTLightningCLI
+
+
+def _format_metric(value: float) -> str:
+    """Four decimals, as for accuracies and losses; a small value (a learning rate near the end of its schedule)
+    in scientific notation rather than as 0.0000."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
 
 
 def _innermost_reason(message: str) -> str:

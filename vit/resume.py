@@ -66,6 +66,9 @@ class RNGStateCheckpoint(Callback):
     `checkpoint["rng_states"]` and restores them when `fit` resumes, so the run goes on with the same shuffles,
     augmentations, dropout masks and worker seeds as if it had never stopped. `vit fit` always adds it."""
 
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None  # this rank's states, from the checkpoint a fit resumes
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         mine = rng_state(trainer.strategy.root_device)
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -91,7 +94,7 @@ class RNGStateCheckpoint(Callback):
         set_rng_state(self._restored, trainer.strategy.root_device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        restored, self._restored = getattr(self, "_restored", None), None
+        restored, self._restored = self._restored, None
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if restored is None or trainer.world_size < 2 or fetcher is None:
             return

@@ -188,6 +188,15 @@ def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget
     assert checkpoint.class_names == sorted(CIFAR10_NAMES)
 
 
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_a_command_without_a_config_names_itself_and_says_what_is_missing(command, capsys):
+    assert main([command]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"usage: vit {command} --config CONFIG [--model.* ...] [--data.* ...] [--trainer.* ...]"
+    assert err[1].endswith(f"vit {command} --help")
+    assert err[2] == "error: no data: give --config CONFIG (e.g. configs/digits.yaml)"
+
+
 def test_unknown_config_key_is_lightning_clis_own_error(tmp_path, capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.no_such_option", "1"]) == 2
     err = capsys.readouterr().err.splitlines()  # one usage line, not every option of Trainer, model and data

@@ -183,6 +183,17 @@ def test_resuming_our_own_checkpoint_works_under_weights_only(tmp_path, monkeypa
     assert resumed["epoch"] == 1 and resumed["global_step"] == 6  # went on from step 3, not from scratch
 
 
+def test_resuming_with_more_epochs_says_the_restored_schedule_ends_sooner(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    assert "LR schedule" not in capsys.readouterr().err  # a fresh schedule: nothing to say
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    assert _fit("--trainer.max_epochs", "2", "--ckpt_path", last) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "LR schedule" in line]
+    assert len(warnings) == 1 and f"resumed from {last} was planned for 3 steps and this run has 6" in warnings[0]
+    assert "floor after step 3" in warnings[0] and f"--model.pretrained {last}" in warnings[0]
+
+
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     poisoned_from = 4  # epoch 0 is steps 0-2 and ends with a checkpoint; step 4 is the second of epoch 1

@@ -78,6 +78,13 @@ def _lightning_cli_class() -> type:
             print(f"usage: {prog} --config CONFIG [--model.* ...] [--data.* ...] [--trainer.* ...]", file=file)
 
         def error(self, message: str, ex: Exception | None = None) -> Any:
+            # `vit fit` alone: jsonargparse reports 'required: fit.data' with the top parser's usage (no 'fit')
+            missing = re.fullmatch(r"the following arguments are required: (\w+)\.data", message.strip())
+            subcommands = getattr(self, "_subcommands_action", None)
+            if missing and subcommands is not None and missing.group(1) in subcommands.choices:
+                command, message = missing.group(1), "no data: give --config CONFIG (e.g. configs/digits.yaml)"
+                if ex is not None and getattr(ex, "subcommand_parser", None) is None:
+                    ex.subcommand_parser = subcommands.choices[command]  # usage and tip of `vit fit`
             super().error(_innermost_reason(message) if self.exit_on_error else message, ex)
 
     class ViTLightningCLI(LightningCLI):
@@ -97,6 +104,7 @@ def _lightning_cli_class() -> type:
                 },
                 save_config_kwargs={"overwrite": True},
                 parser_class=BriefErrorsParser,
+                parser_kwargs={"prog": "vit"},  # not `cli.py` under `python -m vit.cli`
                 args=args,
             )
 

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -290,6 +290,28 @@ class ViTClassifier(L.LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
             self.log("train/lr", self.optimizers().param_groups[-1]["lr"], batch_size=len(x))
         return loss
+
+    def on_train_start(self) -> None:
+        """A resumed run whose length differs from the one its LR schedule was planned for (a larger max_epochs,
+        say) keeps the restored schedule: say so, since the LR would otherwise sit at its floor unannounced."""
+        from vit.budget import TimeBudget  # here: vit.budget imports this module
+
+        ckpt, planned = self.trainer.ckpt_path, float(self.trainer.estimated_stepping_batches)
+        if not ckpt or not math.isfinite(planned) or any(isinstance(c, TimeBudget) for c in self.trainer.callbacks):
+            return  # a fresh schedule, no known end, or one that TimeBudget plans as it goes
+        for config in self.trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", []):
+                if isinstance(schedule, WarmupCosine) and schedule.total != planned:
+                    after = (
+                        f"the LR stays at its floor after step {schedule.total:.0f}"
+                        if planned > schedule.total
+                        else f"it ends at step {planned:.0f}, before the LR has come down"
+                    )
+                    rank_zero_warn(
+                        f"vit: the LR schedule resumed from {ckpt} was planned for {schedule.total:.0f} steps and this "
+                        f"run has {planned:.0f}: {after}; for a schedule of its own, start a new run from its weights "
+                        f"(--model.pretrained {ckpt})"
+                    )
 
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         if self.ema is not None:  # once per optimiser step, after it

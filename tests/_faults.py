@@ -51,3 +51,22 @@ class RaiseOnRank(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step}")
+
+
+class RecordRandomDraws(Callback):
+    """Writes `<folder>/rank<R>.json`: what each global generator draws as training starts, per rank."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            import json
+            import random
+
+            import numpy as np
+            import torch
+
+            draws = {"torch": torch.rand(3).tolist(), "numpy": np.random.rand(3).tolist(), "random": random.random()}
+            with open(f"{self.folder}/rank{trainer.global_rank}.json", "w") as f:
+                json.dump(draws, f)

@@ -54,8 +54,12 @@ def _val_metrics(run: Path) -> dict[str, float]:
 
 
 def test_ddp_on_two_processes_writes_one_run_with_metrics_over_the_whole_validation_split(tmp_path, monkeypatch):
-    done = _vit_fit(tmp_path, "--model.ema_decay", "0.9")  # EMA weights: parameters that get no gradient
+    draws = ["--trainer.callbacks+=_faults.RecordRandomDraws", "--trainer.callbacks.folder", str(tmp_path)]
+    done = _vit_fit(tmp_path, "--model.ema_decay", "0.9", *draws)  # EMA weights: parameters that get no gradient
     assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for generator in ("torch", "numpy", "random"):  # each rank augments with generators of its own
+        assert ranks[0][generator] != ranks[1][generator], generator
     assert "distributed_backend=gloo" in done.stderr and "Starting with 2 processes" in done.stderr
     assert done.stdout.count("run folder: ") == 1 and done.stdout.count("final metrics: ") == 1
     run = tmp_path / "runs/digits/version_0"

@@ -64,7 +64,8 @@ def set_rng_state(saved: dict[str, Any], device: torch.device | None = None) -> 
 class RNGStateCheckpoint(Callback):
     """Saves the global RNG states of every rank (torch CPU, the rank's CUDA device, numpy, python `random`) in
     `checkpoint["rng_states"]` and restores them when `fit` resumes, so the run goes on with the same shuffles,
-    augmentations, dropout masks and worker seeds as if it had never stopped. `vit fit` always adds it."""
+    augmentations, dropout masks and worker seeds as if it had never stopped; and gives each rank of a fresh DDP
+    run generators of its own (seed + rank). `vit fit` always adds it."""
 
     def __init__(self) -> None:
         self._restored: dict[str, Any] | None = None  # this rank's states, from the checkpoint a fit resumes
@@ -92,6 +93,16 @@ class RNGStateCheckpoint(Callback):
             return
         self._restored = saved["ranks"][trainer.global_rank]
         set_rng_state(self._restored, trainer.strategy.root_device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size < 2 or trainer.ckpt_path:
+            return  # one process; or a resumed run, whose ranks got their own states back from the checkpoint
+        # seed_everything gave every rank the same generators, so batch augmentation, Mixup, erasing and drop path
+        # drew the same numbers on every rank (for other images); seed + rank, as timm's train.py seeds
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) + trainer.global_rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restored, self._restored = self._restored, None

@@ -265,6 +265,7 @@ def test_unreadable_inputs_are_reported_while_the_others_are_classified(checkpoi
         assert result["path"] == str(tmp_path / name)
         if name in expected_problem:
             assert expected_problem[name] in result["error"] and result["predictions"] == []
+            assert result["error"].lower().count(expected_problem[name]) == 1, result["error"]  # said once
         else:
             assert classified(result)
 

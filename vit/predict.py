@@ -150,8 +150,9 @@ def describe_error(error: BaseException) -> str:
         return "not an image (PIL cannot identify the format)"
     if isinstance(error, Image.DecompressionBombError):
         return f"image too large ({error}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
-    if isinstance(error, OSError) and "truncated" in str(error).lower():
-        return f"truncated image file ({error})"
+    if isinstance(error, OSError) and "truncated" in str(error).lower():  # PIL's words vary; say it once
+        detail = re.search(r"\(([^()]*)\)\s*$", str(error))  # '(46 bytes not processed)'
+        return "truncated image file" + (f" ({detail.group(1)})" if detail else "")
     text = str(error) or type(error).__name__
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror.lower()

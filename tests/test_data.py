@@ -209,6 +209,32 @@ def test_training_reads_an_image_as_vit_predict_does(tmp_path):
     assert files.load(0, "RGB").size == (12, 20)  # stood upright
 
 
+def test_a_large_jpeg_is_evaluated_as_vit_predict_sees_it_and_trained_on_at_reduced_scale(tmp_path):
+    """`vit predict` decodes a large JPEG at reduced scale (libjpeg's draft); `vit test` must see the same pixels,
+    and training may decode it smaller too, as long as its smallest random crop still covers the input size."""
+    from vit.predict import Predictor, decode_size
+
+    smooth = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(smooth).resize((1600, 1200), Image.BICUBIC)  # a photo's size, kept small for the test
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            photo.save(tmp_path / split / c / "photo.jpg", quality=90)
+    folders = dict(val_dir=tmp_path / "test", test_dir=tmp_path / "test")
+    preprocessing = {"input_size": [3, 32, 32], "crop_pct": 0.875}
+    data = ImageFolderDataModule(tmp_path / "train", **folders, num_workers=0, preprocessing=preprocessing)
+    data.setup("fit")
+    data.setup("test")
+    model = tiny_classifier(img=32, num_classes=2).model
+    predictor = Predictor(model, data_config=data.data_config)
+    x, _ = data.datasets["test"][0]
+    assert torch.equal(x, predictor.preprocess(tmp_path / "test" / "a" / "photo.jpg"))  # bit for bit
+    train = data.datasets["train"]
+    decoded = train.source.load(0, "RGB", train.min_size)
+    smallest_crop = min(decoded.size) * (0.08 * 3 / 4) ** 0.5  # scale[0] of the area at aspect 3:4
+    assert min(decoded.size) < 1200 and smallest_crop >= 32 and train.min_size == decode_size(data.data_config, 0.08)
+
+
 # Python 3 pickles bytes and numpy buffers under protocol 2 as `_codecs.encode(text, 'latin1')` calls, and numpy
 # arrays under protocol 5 (pickle.HIGHEST_PROTOCOL) as `numpy._core.numeric._frombuffer` calls
 @pytest.mark.parametrize("protocol", [pickle.DEFAULT_PROTOCOL, 2, 5])

@@ -40,7 +40,7 @@ from vit.datasets import (
     read_cifar_file,
 )
 from vit.lightning_notes import silence_lightning_notes
-from vit.predict import IMAGE_EXTENSIONS
+from vit.predict import IMAGE_EXTENSIONS, decode_size
 
 silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 
@@ -174,7 +174,10 @@ class VisionDataModule(L.LightningDataModule):
                 transform, finish = self.train_transform() if split == "train" else self.eval_transform(), None
             # Decoding is the slow part of caching: all the cores share it, whatever the training loader uses.
             workers = default_num_workers() + 1
-            dataset = ImageDataset(source, indices, transform, mode, self.in_memory, workers, finish)
+            # a large JPEG decodes at reduced scale, as `vit predict` decodes it: evaluation then sees its pixels
+            crop_scale = self.hparams.scale[0] if split == "train" and not self.in_memory else None
+            min_size = decode_size(self.data_config, crop_scale)
+            dataset = ImageDataset(source, indices, transform, mode, self.in_memory, workers, finish, min_size)
             self.skipped.update(dict(dataset.skipped))
             self.datasets[split] = dataset
 

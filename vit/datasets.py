@@ -30,8 +30,9 @@ class FileImages:
         self.paths = [p for p, _ in samples]
         self.targets = [t for _, t in samples]
 
-    def load(self, i: int, mode: str) -> Image.Image:
-        return read_image(self.paths[i], mode)  # as `vit predict` reads it: upright, alpha on white, 8-bit
+    def load(self, i: int, mode: str, min_size: int | None = None) -> Image.Image:
+        # as `vit predict` reads it: upright, alpha on white, 8-bit, a large JPEG decoded at reduced scale
+        return read_image(self.paths[i], mode, min_size)
 
     def name(self, i: int) -> str:
         return self.paths[i]
@@ -43,7 +44,7 @@ class ArrayImages:
     def __init__(self, images: np.ndarray, targets: Sequence[int], label: str):
         self.images, self.targets, self.label = images, [int(t) for t in targets], label
 
-    def load(self, i: int, mode: str) -> Image.Image:
+    def load(self, i: int, mode: str, min_size: int | None = None) -> Image.Image:
         return Image.fromarray(self.images[i]).convert(mode)
 
     def name(self, i: int) -> str:
@@ -100,8 +101,10 @@ class ImageDataset(Dataset):
         cache: bool = False,
         workers: int = 0,
         finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        min_size: int | None = None,
     ):
         self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
+        self.min_size = min_size  # JPEGs are decoded at reduced scale down to this side (`vit.predict.decode_size`)
         self.finish = finish  # not a lambda: datasets travel to spawned loader workers by pickle
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
         self.skipped: list[Skipped] = []
@@ -139,7 +142,7 @@ class ImageDataset(Dataset):
     def _read(self, i: int) -> tuple[torch.Tensor, int] | Skipped:
         j = self.indices[i]
         try:
-            image = self.source.load(j, self.mode)
+            image = self.source.load(j, self.mode, self.min_size)
             return self.transform(image), self.source.targets[j]
         except READ_ERRORS as e:
             return Skipped((self.source.name(j), describe_error(e)))

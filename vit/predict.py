@@ -142,6 +142,16 @@ def _to_8_bit(img: Image.Image, sixteen_bit: bool) -> Image.Image:
     return Image.fromarray(np.rint(samples * scale).astype(np.uint8), "L")
 
 
+def decode_size(data_config: dict[str, Any], crop_scale: float | None = None) -> int:
+    """The least side a JPEG may be decoded at (`read_image`'s `min_size`) so that the transform still has the
+    pixels it needs: the evaluation resize (input size / crop_pct), or, for a random resized crop that may keep
+    `crop_scale` of the area at aspect 3:4, the image side whose smallest crop still covers the input size."""
+    side = max(data_config["input_size"][-2:])
+    if crop_scale is not None:
+        return math.ceil(side / math.sqrt(crop_scale * 3 / 4))
+    return math.ceil(side / (data_config.get("crop_pct") or DEFAULT_CROP_PCT))
+
+
 def describe_error(error: BaseException) -> str:
     """One line naming what is wrong with an input, without the traceback."""
     if isinstance(error, FileNotFoundError):
@@ -221,7 +231,7 @@ class Predictor:
                 f"the preprocessing's input size {height}x{width} does not match the model's "
                 f"{'x'.join(map(str, model.cfg.img_hw))}"
             )
-        self.min_size = math.ceil(max(height, width) / (self.data_config.get("crop_pct") or DEFAULT_CROP_PCT))
+        self.min_size = decode_size(self.data_config)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.amp, self.amp_dtype = amp, amp_dtype

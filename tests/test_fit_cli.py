@@ -231,7 +231,8 @@ def test_cifar_download_that_fails_offline_is_one_line_naming_the_folder_and_the
 
     import torchvision.datasets.utils
 
-    def offline(url, *args, **kwargs):
+    def offline(url, download_root, *args, **kwargs):
+        os.makedirs(download_root, exist_ok=True)  # as torchvision does before it asks the network
         raise urllib.error.URLError(OSError(-2, "Name or service not known"))  # what an offline machine raised
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
@@ -242,6 +243,7 @@ def test_cifar_download_that_fails_offline_is_one_line_naming_the_folder_and_the
     )
     assert err.endswith("Name or service not known>); pass --data.data_dir a folder that holds cifar-10-batches-py/\n")
     assert err.count("\n") == 1
+    assert not (tmp_path / "data").exists()  # the failed download leaves no empty folder behind
 
 
 def test_an_option_lightning_refuses_is_one_line_not_a_traceback(capsys):

@@ -416,12 +416,13 @@ class CIFAR10DataModule(VisionDataModule):
             self._refuse_the_folder_itself()  # rather than download a second copy inside the first
             from torchvision.datasets.utils import download_and_extract_archive
 
-            spec = self.spec
+            spec, data_dir = self.spec, Path(self.hparams.data_dir)
+            made = not data_dir.exists()
             try:
-                download_and_extract_archive(
-                    spec.url, str(self.hparams.data_dir), filename=spec.filename, md5=spec.tgz_md5
-                )
+                download_and_extract_archive(spec.url, str(data_dir), filename=spec.filename, md5=spec.tgz_md5)
             except OSError as e:  # URLError when offline, or a folder we cannot write
+                if made and data_dir.is_dir() and not any(data_dir.iterdir()):
+                    data_dir.rmdir()  # the download made it and put nothing in it
                 raise FileNotFoundError(
                     f"{self.root}: no {self.dataset_name} copy, and downloading {spec.url} failed ({e}); "
                     f"pass --data.data_dir a folder that holds {spec.base_folder}/"

@@ -21,8 +21,10 @@ def _lightning_main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # DDP's launcher re-runs this command in each rank, where our args are sys.argv again: that is intended
     warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
-    if argv[0] != "fit":  # a test or validation run writes no checkpoints: the best score it would not track is moot
-        warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
+    # A resumed fit writes a run folder of its own, whose best.ckpt follows the resumed epochs (README); a test or
+    # validation run writes no checkpoints at all: Lightning's note that the old folder's best score is not
+    # carried over says nothing new, twice (once per checkpoint callback)
+    warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
     cli = _lightning_cli_class()
     silence_lightning_notes()  # again, as a caller's warnings.catch_warnings may have undone the import's
     try:

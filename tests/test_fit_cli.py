@@ -188,6 +188,13 @@ def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget
     assert checkpoint.class_names == sorted(CIFAR10_NAMES)
 
 
+def test_a_misspelt_model_override_is_one_line_naming_it_and_the_field_meant(capsys):
+    override = ["--model.model_overrides", "{deptth: 2}"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *override]) == 2
+    err = capsys.readouterr().err
+    assert err == "vit fit: error: 'deptth' is not a ViTConfig field; did you mean 'depth'?\n"
+
+
 @pytest.mark.parametrize("command", ["fit", "test"])
 def test_a_command_without_a_config_names_itself_and_says_what_is_missing(command, capsys):
     assert main([command]) == 2

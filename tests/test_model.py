@@ -134,6 +134,17 @@ def test_unknown_model_name_suggests_close_matches():
         vit.create_model("resnet50")
 
 
+def test_a_misspelt_config_field_is_a_value_error_naming_the_field_meant():
+    for build in (
+        lambda: vit.create_model("vit_tiny_patch16_224", deptth=1),
+        lambda: vit.VisionTransformer(embed_dims=32),
+        lambda: vit.ViTConfig.from_dict({"patch": 4}),
+    ):
+        with pytest.raises(ValueError, match=r"is not a ViTConfig field; did you mean '(depth|embed_dim|patch_size)'"):
+            build()
+    assert vit.ViTConfig.from_dict(vit.ViTConfig(depth=2).to_dict()) == vit.ViTConfig(depth=2)
+
+
 def test_config_rejects_inconsistent_settings():
     with pytest.raises(ValueError, match="class_token"):
         vit.ViTConfig(class_token=False, global_pool="token")

@@ -72,7 +72,7 @@ def model_config(name: str, **overrides: Any) -> ViTConfig:
         close = difflib.get_close_matches(arch, VARIANTS, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} (`vit models` lists them all)")
-    return ViTConfig(**{**VARIANTS[arch], **overrides})
+    return ViTConfig.from_dict({**VARIANTS[arch], **overrides})
 
 
 def create_model(

@@ -7,7 +7,8 @@ Checkpoint conversions live in `vit.weights`, never here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
@@ -93,6 +94,19 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ViTConfig:
+        """A config from plain values (YAML, JSON, a checkpoint); a key that is no field is one line, not a
+        TypeError from the dataclass."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                raise ValueError(
+                    f"{key!r} is not a ViTConfig field" + (f"; did you mean {close[0]!r}?" if close else "")
+                )
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (lists, not tuples), safe for YAML, JSON and `weights_only` loading."""
@@ -240,7 +254,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides: Any):
         super().__init__()
-        cfg = dataclasses.replace(cfg or ViTConfig(), **overrides)
+        cfg = ViTConfig.from_dict({**dataclasses.asdict(cfg or ViTConfig()), **overrides})
         self.cfg = cfg
         dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens

@@ -161,7 +161,7 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"{where}set model_name (a variant from `vit models`) or model_config")
         given = {"img_size": h.img_size, "num_classes": h.num_classes}
         model = VisionTransformer(
-            ViTConfig(**{**config, **overrides, **{k: v for k, v in given.items() if v is not None}})
+            ViTConfig.from_dict({**config, **overrides, **{k: v for k, v in given.items() if v is not None}})
         )
         if checkpoint is not None:
             transfer_weights(model, checkpoint)  # resamples position embeddings, resets a differing head

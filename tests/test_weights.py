@@ -618,3 +618,13 @@ def test_file_url_is_downloaded_into_the_hub_cache_and_read(tmp_path, monkeypatc
     assert not torch.equal(vit.read_checkpoint(other.as_uri()).state_dict["pos_embed"], reference.pos_embed)
     with pytest.raises(vit.CheckpointError, match="download failed"):
         vit.read_checkpoint((tmp_path / "gone.safetensors").as_uri())
+
+
+def test_grey_checkpoint_loads_into_an_rgb_model_and_sees_a_grey_image_alike(tmp_path):
+    # timm's adapt_input_conv assumes a 3-channel source: a 1-channel conv came back unchanged, and did not fit
+    grey = vit.create_model("vit_nano_patch4_32", in_chans=1, depth=2, num_classes=4)
+    path = vit.save_safetensors(grey, tmp_path / "grey.safetensors")
+    rgb = vit.create_model("vit_nano_patch4_32", pretrained=path, in_chans=3, depth=2)
+    x = torch.rand(2, 1, 32, 32)
+    # the same grey picture in three equal channels is the same input to the adapted convolution
+    torch.testing.assert_close(logits(rgb, x.expand(-1, 3, -1, -1)), logits(grey, x), rtol=0, atol=TOL)

@@ -506,8 +506,8 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
 
     proj = state.get("patch_embed.proj.weight")
     if proj is not None and proj.ndim == 4 and proj.shape[0] == cfg.embed_dim and not cfg.conv_stem:
-        if proj.shape[1] != cfg.in_chans:
-            proj = adapt_input_conv(cfg.in_chans, proj)
+        if proj.shape[1] != cfg.in_chans:  # timm's default base of 3 channels would return a grey conv unchanged
+            proj = adapt_input_conv(cfg.in_chans, proj, base_chans=proj.shape[1])
         if proj.shape[-1] != cfg.patch_size:
             proj = resample_patch_embed(proj, [cfg.patch_size, cfg.patch_size])
         state["patch_embed.proj.weight"] = proj

@@ -113,6 +113,24 @@ def test_ema_weights_serve_validation_and_checkpoints(tmp_path):
         assert torch.allclose(exported.eval()(x), model.ema.module(x), atol=1e-6)
 
 
+def test_a_loaded_ema_module_predicts_and_explains_as_its_checkpoint_does(tmp_path):
+    model = tiny(ema_decay=0.5, lr=1e-2)
+    fit(model, limit_train_batches=3, limit_val_batches=1).save_checkpoint(tmp_path / "ema.ckpt")
+    module = ViTClassifier.load_from_checkpoint(tmp_path / "ema.ckpt")
+    assert module.inference_model is module.ema.module and tiny().inference_model is not None
+    x = torch.rand(4, 1, 8, 8)
+    from_file = vit.Predictor.from_checkpoint(tmp_path / "ema.ckpt")  # what `vit predict` uses
+    from_module = vit.Predictor(module)  # its EMA weights, class names and preprocessing
+    assert from_module.class_names == from_file.class_names and from_module.data_config == from_file.data_config
+    with torch.no_grad():
+        torch.testing.assert_close(from_module.model(x), from_file.model(x))
+        assert not torch.allclose(module.model.eval()(x), from_file.model(x), atol=1e-4)  # the control
+    for explained in (module, module.inference_model):
+        torch.testing.assert_close(vit.explain(explained, x, "chefer"), vit.explain(from_file.model, x, "chefer"))
+    with pytest.raises(TypeError, match=r"a vit\.VisionTransformer or a ViTClassifier, not Linear"):
+        vit.Predictor(torch.nn.Linear(2, 2))
+
+
 def test_mixup_and_cutmix_train_on_soft_targets_even_with_odd_batches():
     model = tiny(mixup_alpha=0.8, cutmix_alpha=1.0)
     calls = []

@@ -207,6 +207,12 @@ class ViTClassifier(L.LightningModule):
             return []
         return [CountCpuAttentionInTheSummary()]
 
+    @property
+    def inference_model(self) -> VisionTransformer:
+        """The `VisionTransformer` that evaluation, export and `vit predict` use: the EMA copy when EMA is on (whose
+        weights differ from `.model`'s, the trained ones), else `.model`."""
+        return self.ema.module if self.ema is not None else self.model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes); in eval mode from the EMA weights when EMA is on."""
         # through the EMA wrapper, not its .module: Lightning's summary then shows the EMA row's FLOPs and sizes

@@ -198,7 +198,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: VisionTransformer,
+        model: VisionTransformer | torch.nn.Module,
         *,
         class_names: Sequence[str] | None = None,
         data_config: dict[str, Any] | None = None,
@@ -209,7 +209,17 @@ class Predictor:
         amp_dtype: torch.dtype = torch.bfloat16,
     ):
         """`amp`: run the model under `torch.autocast(amp_dtype)` (timm's `--amp`): several times faster on GPUs and
-        on CPUs with AMX, probabilities within about 0.01; on a CPU where `amp_dtype` is slower, it warns."""
+        on CPUs with AMX, probabilities within about 0.01; on a CPU where `amp_dtype` is slower, it warns.
+        `model` may be a `ViTClassifier`: its `inference_model` (EMA weights when on), class names and preprocessing."""
+        if not isinstance(model, VisionTransformer):
+            inner = getattr(model, "inference_model", None)
+            if not isinstance(inner, VisionTransformer):
+                raise TypeError(
+                    f"Predictor takes a vit.VisionTransformer or a ViTClassifier, not {type(model).__name__}"
+                )
+            class_names = getattr(model, "class_names", None) if class_names is None else class_names
+            data_config = data_config or getattr(model, "data_config", None)
+            model = inner
         if model.num_classes < 1:
             raise ValueError("the model has no classification head (num_classes=0)")
         if model.cfg.in_chans not in (1, 3):

@@ -274,6 +274,20 @@ def test_overlay_blends_the_colormap_over_the_image():
         np.testing.assert_array_equal(np.asarray(vit.overlay(image, heat, alpha=0.0)), gray)
 
 
+def test_model_view_is_the_crop_the_model_saw_and_overlaying_a_wider_image_warns(tmp_path):
+    model = vit.VisionTransformer(small_cfg(num_classes=3)).eval()
+    config = {**model.pretrained_cfg, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "crop_pct": 0.9}
+    path = tmp_path / "wide.png"  # resized to 16 px high, then its centre 16x16 cropped: the sides are never seen
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 60, 3), dtype=np.uint8)).save(path)
+    x = Predictor(model, data_config=config).preprocess(path)[None]
+    crop = create_transform(**{**config, "input_size": (3, 16, 16)}, use_prefetcher=True)(Image.open(path))  # uint8
+    torch.testing.assert_close(vit.visualize.model_view(x, config)[0], crop.float() / 255, rtol=0, atol=1e-6)
+    heat = vit.explain(model, x.float())[0]
+    with pytest.warns(UserWarning, match=r"heat map is 16x16 and the image 60x20: .*model_view"):
+        vit.overlay(Image.open(path), heat)  # stretched over parts of the image that the model never saw
+    assert vit.overlay(vit.visualize.model_view(x[0], config), heat).size == (16, 16)
+
+
 # -------------------------------------------------------------------------------------- faithfulness
 def test_deletion_and_insertion_curves_run_between_the_image_and_the_baseline():
     model = peaked(small_cfg())

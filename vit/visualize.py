@@ -1,5 +1,6 @@
 """Heat maps as pictures: a colormap over the image (`overlay`), a grid of every head's map (`head_grid`) and
-the image / map / overlay figure of `vit attention` (`attention_figure`).
+the image / map / overlay figure of `vit attention` (`attention_figure`). A map covers what the model saw, the
+resized and centre-cropped input: `model_view` turns that input back into the picture to overlay it on.
 
 Figures are built as `matplotlib.figure.Figure` objects, without pyplot, so nothing depends on (or changes) the
 global backend; Jupyter still displays them, and `fig.savefig` writes them.
@@ -7,7 +8,8 @@ global backend; Jupyter still displays them, and `fig.savefig` writes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +45,15 @@ def to_rgb(image: ImageLike) -> np.ndarray:
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3]
 
 
+def model_view(x: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """Normalised model input(s) (..., C, H, W) back to pixels in [0, 1] by the config's mean and std: the crop the
+    model saw, which its heat maps line up with (the file itself may be larger, or wider, than that crop)."""
+    mean, std = (
+        torch.as_tensor(data_config[k], dtype=x.dtype, device=x.device).view(-1, 1, 1) for k in ("mean", "std")
+    )
+    return (x.detach() * std + mean).clamp(0, 1)
+
+
 def _heat(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W) heat map in [0, 1] resized (bilinear) to `size` = (H, W)."""
     h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
@@ -59,6 +70,13 @@ def overlay(image: ImageLike, heatmap: torch.Tensor | np.ndarray, cmap: str = "j
     import matplotlib
 
     rgb = to_rgb(image)
+    (h, w), (mh, mw) = rgb.shape[:2], np.shape(heatmap)[-2:]
+    if abs(h * mw - w * mh) > max(h, w, mh, mw):  # aspect ratios more than a pixel's rounding apart: stretched
+        warnings.warn(
+            f"overlay: the heat map is {mw}x{mh} and the image {w}x{h}: the map covers the model's centre crop, not "
+            "the whole image; overlay it on vit.visualize.model_view(x, data_config), the input it was made from",
+            stacklevel=2,
+        )
     colour = matplotlib.colormaps[cmap](_heat(heatmap, rgb.shape[:2]))[..., :3]
     blended = (1.0 - alpha) * rgb + alpha * colour
     return Image.fromarray(np.round(blended * 255).astype(np.uint8))

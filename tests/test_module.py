@@ -131,6 +131,22 @@ def test_a_loaded_ema_module_predicts_and_explains_as_its_checkpoint_does(tmp_pa
         vit.Predictor(torch.nn.Linear(2, 2))
 
 
+def test_a_loaded_module_is_tested_with_the_preprocessing_it_was_trained_with(tmp_path):
+    trained = tiny()
+    preprocessing = {"mean": [0.3], "std": [0.2]}
+    trainer = fit(trained, digits(preprocessing=preprocessing), limit_train_batches=2, limit_val_batches=1)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    expected = trainer.test(trained, digits(preprocessing=preprocessing), verbose=False)
+    loaded, data = ViTClassifier.load_from_checkpoint(tmp_path / "m.ckpt"), digits()  # no preprocessing given
+    assert trainer.test(loaded, data, verbose=False) == expected
+    assert data.data_config["std"] == pytest.approx([0.2]) and loaded.data_config["std"] == pytest.approx([0.2])
+    overridden = digits(preprocessing={"std": [0.4]})  # what a user passes still wins
+    trainer.test(ViTClassifier.load_from_checkpoint(tmp_path / "m.ckpt"), overridden, verbose=False)
+    assert overridden.data_config["mean"] == pytest.approx([0.3]) and overridden.data_config["std"] == pytest.approx(
+        [0.4]
+    )
+
+
 def test_mixup_and_cutmix_train_on_soft_targets_even_with_odd_batches():
     model = tiny(mixup_alpha=0.8, cutmix_alpha=1.0)
     calls = []

@@ -405,6 +405,8 @@ class ViTClassifier(L.LightningModule):
             )
         self.class_names = saved
         self.data_config = meta.get("data_config")
+        if self.data_config:  # a data module set up later (a test of a loaded module) reads the trained preprocessing
+            self.model.pretrained_cfg = {**self.model.pretrained_cfg, **self.data_config}
 
 
 def other_classes(checkpoint: str, saved: list[str], names: list[str]) -> str:

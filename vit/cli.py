@@ -191,7 +191,7 @@ def _attention(args: argparse.Namespace) -> int:
 
     from vit.explain import explain
     from vit.predict import Predictor, describe_error
-    from vit.visualize import attention_figure
+    from vit.visualize import attention_figure, model_view
     from vit.weights import load_model
 
     chosen = {k: v for k, v in (("layer", args.layer), ("head", args.head)) if v is not None}
@@ -218,8 +218,7 @@ def _attention(args: argparse.Namespace) -> int:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
     heat = explain(model, x, method, target=index, **chosen)[0]
     label = predictor.label(index)
-    mean, std = (torch.tensor(predictor.data_config[k]).view(-1, 1, 1) for k in ("mean", "std"))
-    shown = (x[0] * std + mean).clamp(0, 1)  # the crop the model saw, so the map lines up with it
+    shown = model_view(x[0], predictor.data_config)  # the crop the model saw, so the map lines up with it
     title = f"{label} (class {index}, p={probs[index]:.3f})"
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
     out.parent.mkdir(parents=True, exist_ok=True)  # as `vit export` makes its --out's folders

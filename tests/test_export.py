@@ -157,3 +157,15 @@ def test_export_warns_when_the_suffix_names_the_other_format(tmp_path, capsys):
     )
     with safe_open(str(tmp_path / "m.onnx"), framework="pt") as f:  # it is what --format said
         assert "model_config" in f.metadata()
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(reg_tokens=2, no_embed_class=True, global_pool="avg")], ids=["cls-token", "registers"]
+)
+def test_onnx_of_a_dynamic_img_size_model_runs_at_other_sizes_with_torchs_logits(overrides, tmp_path, capsys):
+    model = tiny_model(dynamic_img_size=True, **overrides)
+    export_onnx(model, tmp_path / "dyn.onnx")
+    for hw in [(32, 32), (48, 48), (16, 56), (8, 8)]:  # the native size, larger, non-square, a single patch
+        x = torch.randn(3, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(onnxruntime_logits(tmp_path / "dyn.onnx", x), model(x), rtol=0, atol=1e-4)

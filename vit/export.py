@@ -27,32 +27,40 @@ def export_onnx(
     class_names: Sequence[str] | None = None,
     data_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as ONNX: 'image' (batch, C, H, W) -> 'logits' (batch, classes), the batch axis dynamic.
+    """Write `model` as ONNX: 'image' (batch, C, H, W) -> 'logits' (batch, classes), the batch axis dynamic, and
+    H and W too (multiples of the patch size) for a `dynamic_img_size` model.
 
     The dynamo exporter is tried first; should it refuse the graph, the TorchScript exporter is used.
     """
     model = model.eval()
     path = Path(path)
-    h, w = model.cfg.img_hw
-    example = (torch.randn(2, model.cfg.in_chans, h, w),)  # batch 2: torch.export would specialise a size-1 axis
+    c, (h, w), p = model.cfg.in_chans, model.cfg.img_hw, model.cfg.patch_size
     names = dict(input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    shapes, traced_hw = {0: torch.export.Dim("batch")}, (h, w)
+    if model.cfg.dynamic_img_size:
+        # traced one patch larger each way, so that the graph holds the branch that resamples the position
+        # embeddings (at the native size the model skips it, and the graph would add the native table at any size)
+        shapes |= {2: p * torch.export.Dim("grid_height"), 3: p * torch.export.Dim("grid_width")}
+        traced_hw = (h + p, w + p)
+    example = (torch.randn(2, c, *traced_hw),)  # batch 2: torch.export would specialise a size-1 axis
     try:
-        program = torch.onnx.export(
-            model, example, dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, **names
-        )
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes={"x": shapes}, verbose=False, **names)
     except ImportError as e:
         raise ValueError(
             f"ONNX export needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript"
         ) from e
     except Exception as e:
+        # the TorchScript exporter has no antialiased bicubic resize: its graph keeps the model's own input size
+        fixed = f", whose input size is fixed at {h}x{w}" if model.cfg.dynamic_img_size else ""
         warnings.warn(
-            f"the dynamo ONNX exporter failed ({type(e).__name__}: {e}); using the TorchScript one", stacklevel=2
+            f"the dynamo ONNX exporter failed ({type(e).__name__}: {e}); using the TorchScript one{fixed}",
+            stacklevel=2,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: expected
             torch.onnx.export(
                 model,
-                example,
+                (torch.randn(2, c, h, w),),
                 str(path),
                 dynamo=False,
                 opset_version=LEGACY_OPSET,
@@ -84,15 +92,18 @@ def _add_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
 
 def onnx_logit_difference(model: VisionTransformer, path: str | Path, batch_sizes: Sequence[int] = (1, 3)) -> float:
     """Largest |logit difference| between onnxruntime running `path` and torch running `model`, on random
-    inputs at each batch size."""
+    inputs at each batch size (and at a second input size where the file's input size is dynamic)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    h, w = model.cfg.img_hw
+    (h, w), p = model.cfg.img_hw, model.cfg.patch_size
+    sizes = [(h, w)]
+    if isinstance(session.get_inputs()[0].shape[2], str):  # a dynamic height: also another size, a non-square grid
+        sizes.append((h + 2 * p, w + p))
     worst = 0.0
     generator = torch.Generator().manual_seed(0)
-    for batch in batch_sizes:
-        x = torch.randn(batch, model.cfg.in_chans, h, w, generator=generator)
+    for batch, hw in ((b, hw) for b in batch_sizes for hw in sizes):
+        x = torch.randn(batch, model.cfg.in_chans, *hw, generator=generator)
         with torch.inference_mode():
             expected = model.eval()(x).float()
         (got,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})

@@ -153,7 +153,8 @@ def test_export_warns_when_the_suffix_names_the_other_format(tmp_path, capsys):
     assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.onnx")]) == 0
     assert (
         capsys.readouterr().err
-        == f"vit export: warning: {tmp_path / 'm.onnx'}: safetensors written under a .onnx name\n"
+        == f"vit export: warning: {tmp_path / 'm.onnx'}: safetensors written under a .onnx name; vit and timm read "
+        "safetensors only from .safetensors files\n"
     )
     with safe_open(str(tmp_path / "m.onnx"), framework="pt") as f:  # it is what --format said
         assert "model_config" in f.metadata()
@@ -169,3 +170,19 @@ def test_onnx_of_a_dynamic_img_size_model_runs_at_other_sizes_with_torchs_logits
         x = torch.randn(3, 3, *hw)
         with torch.no_grad():
             torch.testing.assert_close(onnxruntime_logits(tmp_path / "dyn.onnx", x), model(x), rtol=0, atol=1e-4)
+
+
+def test_export_refuses_to_write_over_the_checkpoint_it_exports(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    before = ckpt.read_bytes()
+    assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(ckpt)]) == 2
+    assert "last.ckpt is the checkpoint being exported" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+def test_safetensors_under_another_suffix_warns_that_it_will_not_load_again(tmp_path, capsys):
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.bin")]) == 0
+    assert "safetensors written under a .bin name; vit and timm read safetensors only from .safetensors" in (
+        capsys.readouterr().err
+    )

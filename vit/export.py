@@ -123,9 +123,8 @@ def export_checkpoint(
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out} is a folder: give the file to write, e.g. {out / f'model.{fmt}'}")
-    suffix = out.suffix.lstrip(".").lower()
-    if suffix in FORMATS and suffix != fmt:
-        warnings.warn(f"{out}: {fmt} written under a .{suffix} name", stacklevel=2)
+    if out.exists() and Path(source).exists() and out.samefile(source):  # a .ckpt would be lost for good
+        raise ValueError(f"{out} is the checkpoint being exported: give --out another file")
     model, checkpoint = load_model(source, model_name)
     meta = _metadata(model, checkpoint.class_names, checkpoint.data_config)
     try:
@@ -136,4 +135,10 @@ def export_checkpoint(
             save_safetensors(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
     except (OSError, SafetensorError) as e:  # a full disk, a folder we may not write to, a file where a folder goes
         raise ValueError(f"{out}: could not write it ({e})") from None
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix != fmt and (suffix in FORMATS or fmt == "safetensors"):
+        # vit and timm pick a weights file's reader by its suffix: under another name it would not load again
+        name = f"a .{suffix} name" if suffix else "a name without a suffix"
+        reread = "; vit and timm read safetensors only from .safetensors files" if fmt == "safetensors" else ""
+        warnings.warn(f"{out}: {fmt} written under {name}{reread}", stacklevel=2)
     return model, out

@@ -172,6 +172,53 @@ def test_onnx_of_a_dynamic_img_size_model_runs_at_other_sizes_with_torchs_logits
             torch.testing.assert_close(onnxruntime_logits(tmp_path / "dyn.onnx", x), model(x), rtol=0, atol=1e-4)
 
 
+def test_onnx_metadata_and_timms_transform_reproduce_vit_predict(tmp_path):
+    """What the README tells a service to do: preprocessing from the file's own metadata, onnxruntime alone."""
+    from timm.data import create_transform
+
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt", **CUSTOM)
+    assert main(["export", "-c", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    transform = create_transform(**meta["data_config"])
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (30 + 9 * i, 40, 3), np.uint8)).save(images[-1])
+    x = np.stack([transform(Image.open(p).convert("RGB")).numpy() for p in images])
+    probs = torch.from_numpy(session.run(["logits"], {"image": x})[0]).softmax(-1)
+    for p, result in zip(probs, Predictor.from_checkpoint(ckpt).predict(images, topk=5)):
+        assert [meta["class_names"][i] for i in p.argsort(descending=True)] == [
+            r["label"] for r in result["predictions"]
+        ]
+        torch.testing.assert_close(
+            p[[r["index"] for r in result["predictions"]]].tolist(),
+            [r["prob"] for r in result["predictions"]],
+            rtol=0,
+            atol=1e-5,
+        )
+
+
+def test_exported_safetensors_load_into_timm_key_for_key_with_the_same_logits(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    model = vit.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, depth=2).eval()
+    path = vit.save_safetensors(model, tmp_path / "m.safetensors", class_names=["a", "b", "c"])
+    kw = dict(num_classes=3, img_size=32, depth=2)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    with safe_open(str(path), framework="pt") as f:
+        data = json.loads(f.metadata()["data_config"])
+    overlay = dict(file=str(path), num_classes=3, **data)  # as the README shows
+    hub = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for theirs in (plain, hub):
+            torch.testing.assert_close(theirs(x), model(x), rtol=0, atol=1e-6)
+    assert timm.data.resolve_data_config(model=hub)["input_size"] == [3, 32, 32]
+
+
 def test_export_refuses_to_write_over_the_checkpoint_it_exports(tmp_path, capsys):
     ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
     before = ckpt.read_bytes()

@@ -80,3 +80,14 @@ def test_a_checkpoint_of_another_width_says_both_widths_before_the_keys(tmp_path
         vit.CheckpointError, match=r"\(the checkpoint: width 384, depth 2; the model: width 384, depth 3"
     ):
         vit.create_model("vit_small_patch16_224", pretrained=path, depth=3)
+
+
+@pytest.mark.parametrize("content", [b"hello, I am notes\n", b"\x89PNG\r\n\x1a\n not really"])
+def test_a_file_that_is_no_checkpoint_at_all_says_so_without_the_unpicklers_noise(tmp_path, content):
+    path = tmp_path / "weights.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(path)
+    assert str(err.value) == f"{path}: not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a " + (
+        "Hugging Face folder)"
+    )

@@ -134,6 +134,9 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(_to_timm_keys(state, path), str(path), **info)
 
 
+NOT_A_CHECKPOINT = "not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a Hugging Face folder)"
+
+
 def _torch_load(path: Path) -> Any:
     _check_zip_checksums(path)
     try:
@@ -145,15 +148,14 @@ def _torch_load(path: Path) -> Any:
         reason = " ".join((found.group(1) if found else str(e)).split())[:200]
         if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file (and the
             # unpickler's reason, e.g. 'Unsupported operand 8', says nothing to the user)
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a Hugging Face "
-                "folder)"
-            ) from None
+            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
             f"code ({reason})"
         ) from None
     except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
+        if not _looks_pickled(path):  # a text file, say: the unpickler's 'KeyError: 101' says nothing to the user
+            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None

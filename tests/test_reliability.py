@@ -68,17 +68,27 @@ def test_python_loaders_refuse_the_payload(evil):
     assert not marker.exists()
 
 
+def commands_reading(checkpoint: str) -> list[list[str]]:
+    """Every command that reads a checkpoint, given `checkpoint` (ids: COMMAND_IDS)."""
+    return [
+        ["predict", "x.png", "--checkpoint", checkpoint],
+        ["attention", "x.png", "--checkpoint", checkpoint, "--out", "a.png"],
+        ["export", "--checkpoint", checkpoint, "--out", "m.safetensors"],
+        ["fit", *TINY_DIGITS, "--ckpt_path", checkpoint],
+        ["validate", *TINY_DIGITS, "--ckpt_path", checkpoint],
+    ]
+
+
+COMMAND_IDS = ["predict", "attention", "export", "fit-resume", "validate"]
+
+
 @pytest.mark.parametrize(
     "command",
     [
-        ["predict", "x.png", "--checkpoint", "evil.ckpt"],
-        ["attention", "x.png", "--checkpoint", "evil.ckpt", "--out", "a.png"],
-        ["export", "--checkpoint", "evil.ckpt", "--out", "m.safetensors"],
-        ["fit", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
-        ["validate", *TINY_DIGITS, "--ckpt_path", "evil.ckpt"],
+        *commands_reading("evil.ckpt"),
         ["fit", *TINY_DIGITS, "--model.model_name", "null", "--model.pretrained", "evil.ckpt"],
     ],
-    ids=["predict", "attention", "export", "fit-resume", "validate", "fit-pretrained"],
+    ids=[*COMMAND_IDS, "fit-pretrained"],
 )
 def test_every_command_refuses_the_payload_in_one_line(evil, command, capsys):
     from PIL import Image
@@ -133,17 +143,7 @@ def test_python_loaders_refuse_a_damaged_checkpoint(damaged):
         ViTClassifier.load_from_checkpoint(damaged)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["predict", "x.png", "--checkpoint", "damaged.ckpt"],
-        ["attention", "x.png", "--checkpoint", "damaged.ckpt", "--out", "a.png"],
-        ["export", "--checkpoint", "damaged.ckpt", "--out", "m.safetensors"],
-        ["fit", *TINY_DIGITS, "--ckpt_path", "damaged.ckpt"],
-        ["validate", *TINY_DIGITS, "--ckpt_path", "damaged.ckpt"],
-    ],
-    ids=["predict", "attention", "export", "fit-resume", "validate"],
-)
+@pytest.mark.parametrize("command", commands_reading("damaged.ckpt"), ids=COMMAND_IDS)
 def test_every_command_refuses_a_damaged_checkpoint_in_one_line(damaged, command, capsys):
     from PIL import Image
 

@@ -147,6 +147,18 @@ def test_a_loaded_module_is_tested_with_the_preprocessing_it_was_trained_with(tm
     )
 
 
+def test_trainer_predict_gives_the_test_splits_probabilities_as_vit_predict_would(tmp_path):
+    module = tiny()
+    trainer = fit(module, digits(), limit_train_batches=2, limit_val_batches=1)
+    data = digits()
+    batches = trainer.predict(module, datamodule=data)  # the test split, as STAGE_SPLITS['predict'] says
+    probs = torch.cat(batches)
+    x = torch.cat([b[0] for b in data.test_dataloader()])
+    predictor = vit.Predictor(module)
+    assert probs.shape == (360, 10) and torch.allclose(probs.sum(-1), torch.ones(360))
+    torch.testing.assert_close(probs, predictor.model(x).softmax(-1))
+
+
 def test_mixup_and_cutmix_train_on_soft_targets_even_with_odd_batches():
     model = tiny(mixup_alpha=0.8, cutmix_alpha=1.0)
     calls = []

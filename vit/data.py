@@ -244,6 +244,10 @@ class VisionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, unlabelled use: `trainer.predict(module, datamodule=...)`."""
+        return self._loader("test")
+
     # Lightning's model summary passes the model's example input, a bare tensor, through these hooks too: only a
     # batch from our loaders, (images, labels[, skipped]), is unpacked and augmented (the summary draws no RNG)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

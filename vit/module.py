@@ -329,6 +329,11 @@ class ViTClassifier(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities (B, num_classes) of a batch of images, or of a loader's (images, labels)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
     def _evaluate(self, batch: Any, metrics: MetricCollection, split: str) -> None:
         x, y = batch[0], batch[1]
         if len(x) == 0:

@@ -52,6 +52,22 @@ def test_onnx_export_runs_in_onnxruntime_with_torchs_logits(overrides, tmp_path,
     assert_same_logits_at_batch_1_and_3(model, tmp_path / "m.onnx")
 
 
+def test_an_onnx_file_that_disagrees_with_torch_is_flagged_on_stderr(tmp_path, capsys, monkeypatch):
+    import vit.export
+
+    vit.save_safetensors(tiny_model(), tmp_path / "tiny.safetensors", class_names=CLASS_NAMES)
+    argv = ["export", "-c", str(tmp_path / "tiny.safetensors"), "--out", str(tmp_path / "m.onnx")]
+    assert main(argv) == 0 and "warning" not in capsys.readouterr().err  # a good export: nothing to say
+    monkeypatch.setattr(vit.export, "onnx_logit_difference", lambda model, path: 0.25)  # as a broken graph would
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"vit export: warning: {tmp_path / 'm.onnx'}: onnxruntime's logits differ from torch's by 2.5e-01; "
+        + ("do not deploy it unchecked\n")
+    )
+
+
 def test_onnx_file_carries_config_class_names_and_preprocessing(tmp_path):
     ckpt = write_lightning_ckpt(tmp_path / "last.ckpt", **CUSTOM)
     assert main(["export", "-c", str(ckpt), "--out", str(tmp_path / "sub" / "m.onnx")]) == 0  # format from suffix

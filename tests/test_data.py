@@ -146,7 +146,7 @@ def test_train_dir_without_images_is_an_error_naming_the_folder(tmp_path):
 def test_testing_an_image_folder_without_test_dir_says_how_to_give_one(tmp_path):
     write_image_folder(tmp_path / "train", classes=("a", "b"))
     dm = ImageFolderDataModule(tmp_path / "train", num_workers=0, preprocessing=RAW_RGB_16)
-    with pytest.raises(ValueError, match=r"--data\.test_dir"):
+    with pytest.raises(ValueError, match=r"give test_dir \(on the command line, --data\.test_dir"):  # both users
         dm.setup("test")
 
 

@@ -374,7 +374,10 @@ class ImageFolderDataModule(VisionDataModule):
             splits["val"] = (source, list(range(len(source.targets))))
         if "test" in needed:
             if test_dir is None:
-                raise ValueError("there is no test split without a test folder: pass --data.test_dir path/to/test")
+                raise ValueError(
+                    "there is no test split without a test folder: give test_dir (on the command line, "
+                    "--data.test_dir path/to/test)"
+                )
             source = self._scan(Path(test_dir))
             splits["test"] = (source, list(range(len(source.targets))))
         return {k: v for k, v in splits.items() if k in needed}

@@ -233,6 +233,7 @@ def test_a_large_jpeg_is_evaluated_as_vit_predict_sees_it_and_trained_on_at_redu
     decoded = train.source.load(0, "RGB", train.min_size)
     smallest_crop = min(decoded.size) * (0.08 * 3 / 4) ** 0.5  # scale[0] of the area at aspect 3:4
     assert min(decoded.size) < 1200 and smallest_crop >= 32 and train.min_size == decode_size(data.data_config, 0.08)
+    assert decode_size(data.data_config, 0.0) is None  # crops of any size: decoded in full
 
 
 # Python 3 pickles bytes and numpy buffers under protocol 2 as `_codecs.encode(text, 'latin1')` calls, and numpy

@@ -142,13 +142,14 @@ def _to_8_bit(img: Image.Image, sixteen_bit: bool) -> Image.Image:
     return Image.fromarray(np.rint(samples * scale).astype(np.uint8), "L")
 
 
-def decode_size(data_config: dict[str, Any], crop_scale: float | None = None) -> int:
+def decode_size(data_config: dict[str, Any], crop_scale: float | None = None) -> int | None:
     """The least side a JPEG may be decoded at (`read_image`'s `min_size`) so that the transform still has the
     pixels it needs: the evaluation resize (input size / crop_pct), or, for a random resized crop that may keep
-    `crop_scale` of the area at aspect 3:4, the image side whose smallest crop still covers the input size."""
+    `crop_scale` of the area at aspect 3:4, the image side whose smallest crop still covers the input size (None,
+    full size, for crops that may be arbitrarily small)."""
     side = max(data_config["input_size"][-2:])
     if crop_scale is not None:
-        return math.ceil(side / math.sqrt(crop_scale * 3 / 4))
+        return math.ceil(side / math.sqrt(crop_scale * 3 / 4)) if crop_scale > 0 else None
     return math.ceil(side / (data_config.get("crop_pct") or DEFAULT_CROP_PCT))
 
 

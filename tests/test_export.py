@@ -243,6 +243,28 @@ def test_export_refuses_to_write_over_the_checkpoint_it_exports(tmp_path, capsys
     assert ckpt.read_bytes() == before
 
 
+def test_a_safetensors_export_that_fails_midway_leaves_the_file_that_was_there(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "-c", str(ckpt), "--out", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert main(["export", "-c", str(ckpt), "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", out.name]
+
+
 def test_safetensors_under_another_suffix_warns_that_it_will_not_load_again(tmp_path, capsys):
     ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
     assert main(["export", "-c", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.bin")]) == 0

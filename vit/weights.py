@@ -7,6 +7,7 @@ checkpoint can never run code. Every format is converted to timm's key names, th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -611,11 +612,19 @@ def save_safetensors(
     if class_names is not None:
         meta["class_names"] = list(class_names)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
-    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode open() would, as torch.save does
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return Path(path)
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed over `path` once whole: a failed write
+    try:  # (a full disk, Ctrl-C) leaves the file that was there
+        save_file(state, str(temp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        umask = os.umask(0)  # safetensors creates the file 0600; give it the mode open() would, as torch.save does
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    return path
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:

@@ -353,6 +353,16 @@ def checkpoint(tmp_path):
     return model, path, image
 
 
+def test_to_rgb_reads_a_small_torch_tensor_as_channels_first():
+    from vit.visualize import to_rgb
+
+    patch = torch.arange(16.0).view(1, 4, 4) / 15  # a grey 4-px patch, as torch holds it
+    assert np.allclose(to_rgb(patch), np.repeat(patch.permute(1, 2, 0).numpy(), 3, axis=-1))
+    rgb = torch.rand(3, 4, 3)  # 3 channels of 4x3 pixels
+    assert to_rgb(rgb).shape == (4, 3, 3) and np.allclose(to_rgb(rgb), rgb.permute(1, 2, 0).numpy())
+    assert to_rgb(np.zeros((4, 4, 3), dtype=np.uint8)).shape == (4, 4, 3)  # an HWC array stays as it is
+
+
 def test_cli_attention_writes_a_png_and_prints_the_predicted_class(checkpoint, tmp_path, capsys):
     model, path, image = checkpoint
     x = create_transform(**model.pretrained_cfg)(Image.open(image).convert("RGB"))[None]

@@ -25,13 +25,15 @@ ImageLike = Image.Image | torch.Tensor | np.ndarray
 def to_rgb(image: ImageLike) -> np.ndarray:
     """A PIL image, or a CHW / HWC / HW tensor or array -> (H, W, 3) float array in [0, 1].
 
-    Tensors and arrays with 1 or 3 (or 4) leading channels and a larger last axis are read as CHW. uint8 values
+    A torch tensor with 1 or 3 leading channels is CHW, as torch lays images out (a 4-px patch (1, 4, 4) too);
+    other tensors and arrays with 1, 3 or 4 leading channels and a larger last axis are read as CHW. uint8 values
     are divided by 255; float values outside [0, 1] (a normalised tensor) are min-max rescaled for display.
     """
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+    torch_chw = isinstance(image, torch.Tensor) and a.ndim == 3 and a.shape[0] in (1, 3)
+    if torch_chw or (a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4)):
         a = a.transpose(1, 2, 0)  # CHW -> HWC
     if a.ndim == 2:
         a = a[..., None]

@@ -226,7 +226,7 @@ def test_exported_safetensors_load_into_timm_key_for_key_with_the_same_logits(tm
     plain.load_state_dict(load_file(str(path)), strict=True)
     with safe_open(str(path), framework="pt") as f:
         data = json.loads(f.metadata()["data_config"])
-    overlay = dict(file=str(path), num_classes=3, **data)  # as the README shows
+    overlay = dict(file=str(path), num_classes=3, **data)  # as the README shows; `file` wins over the hub: offline
     hub = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -94,6 +94,7 @@ def _lightning_cli_class() -> type:
         with CSV logs and checkpoints/best.ckpt + last.ckpt, and ends by printing where and how it went."""
 
         def __init__(self, args: list[str]):
+            self.checkpoint_classes: list[str] | None = None  # the class names of --ckpt_path's checkpoint
             super().__init__(
                 ViTClassifier,
                 VisionDataModule,
@@ -181,7 +182,7 @@ def _lightning_cli_class() -> type:
             head fits its own classes) meets the data; when the class counts differ, the model's setup would
             otherwise ask for --model.num_classes, which the checkpoint overrides."""
             names = getattr(self.datamodule, "class_names", None)  # None until setup for the CIFAR modules
-            saved = getattr(self, "checkpoint_classes", None)
+            saved = self.checkpoint_classes
             if saved and names and list(saved) != list(names):
                 raise ValueError(other_classes(self.config[self.subcommand]["ckpt_path"], saved, names))
 

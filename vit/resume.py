@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vit.weights import atomic_write
 
 CHECKPOINT_KEY = "rng_states"
 
@@ -139,16 +140,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
-            with open(temp, "xb") as f:  # "x": never someone else's file; the umask sets the mode, as for open()
+            # "x": never someone else's file; the umask sets the mode, as for open()
+            with atomic_write(path) as temp, open(temp, "xb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                temp.unlink()
             cause = _os_error(e)
             if cause is None:
                 raise
@@ -225,14 +223,11 @@ class LastCheckpoint(ModelCheckpoint):
         path = Path(self._get_metric_interpolated_filepath_name(monitor_candidates, trainer, self.best_model_path))
         linked = True
         if trainer.is_global_zero:
-            temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
             try:
-                os.link(fresher[-1], temp)
-                os.replace(temp, path)
+                with atomic_write(path) as temp:
+                    os.link(fresher[-1], temp)
                 _fsync_folder(path.parent)
             except OSError:  # another file system, or none with hard links
-                with contextlib.suppress(OSError):
-                    temp.unlink()
                 linked = False
         if not trainer.strategy.broadcast(linked, src=0):
             return self._write(trainer, monitor_candidates)

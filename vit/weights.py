@@ -13,9 +13,10 @@ import json
 import os
 import pickle
 import re
+import secrets
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -613,18 +614,26 @@ def save_safetensors(
         meta["class_names"] = list(class_names)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed over `path` once whole: a failed write
-    try:  # (a full disk, Ctrl-C) leaves the file that was there
+    with atomic_write(path) as temp:  # a failed write (a full disk, Ctrl-C) leaves the file that was there
         save_file(state, str(temp), metadata={k: json.dumps(v) for k, v in meta.items()})
         umask = os.umask(0)  # safetensors creates the file 0600; give it the mode open() would, as torch.save does
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, renamed over `path` when the block ends without an error and
+    removed when it fails: readers see the old file or the new one, never a part of it."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield temp
+        os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
     except BaseException:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    return path
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:

@@ -1,10 +1,9 @@
-"""Where images come from (files, in-memory arrays, CIFAR's python batches) and the Dataset that decodes and
+"""Where images come from (files, in-memory arrays) and the Dataset that decodes and
 transforms them, turning an unreadable image into a `Skipped` marker that `collate_skipping` drops."""
 
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,65 +224,3 @@ def class_folders(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's python files are pickles of numpy arrays and lists: allow exactly that and nothing that could
-    run code."""
-
-    ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            # protocol 5 (pickle.HIGHEST_PROTOCOL; Python 3.14's default): frombuffer(...).reshape(...) of the bytes
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-            ("_codecs", "encode"),  # Python 3's protocol-2 bytes; a pure function, as torch's weights_only allows
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a plain numpy array")
-        return super().find_class(module, name)
-
-
-def read_cifar_file(path: Path) -> dict[str, Any]:
-    """A CIFAR python file (a pickled dict of numpy arrays and lists), read without running pickled code."""
-    try:
-        with open(path, "rb") as f:
-            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable CIFAR batch file ({e})") from None
-
-
-def cifar_entry(entry: dict[str, Any], keys: Sequence[str], path: Path) -> Any:
-    """The first of `keys` in a CIFAR file's dict; a ValueError naming the file and the keys it has otherwise."""
-    for key in keys:
-        if key in entry:
-            return entry[key]
-    found = ", ".join(map(repr, entry)) if isinstance(entry, dict) else type(entry).__name__
-    raise ValueError(f"{path}: no {' or '.join(map(repr, keys))} entry (found {found})")
-
-
-def read_cifar_batch(path: Path, label_keys: Sequence[str], num_classes: int) -> tuple[np.ndarray, list[int]]:
-    """(images (N, 32, 32, 3) uint8, labels) of a CIFAR batch file, checked: rows of 3,072 pixels (R, G, B planes),
-    one label per image, each a class index, so that a bad copy stops with its file named instead of training on
-    shifted or impossible labels."""
-    entry = read_cifar_file(path)
-    data = np.asarray(cifar_entry(entry, ["data"], path))
-    labels = [int(y) for y in cifar_entry(entry, label_keys, path)]
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' has shape {data.shape}, not (N, 3072): rows of 32x32 R, G, B planes")
-    if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
-    bad = [y for y in labels if not 0 <= y < num_classes]
-    if bad:
-        raise ValueError(f"{path}: label {bad[0]} is not a class index (its meta file names {num_classes} classes)")
-    return data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels

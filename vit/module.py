@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit.data import plain_data_config
+from vit.datamodule import plain_data_config
 from vit.factory import create_model
 from vit.flops import counting_cpu_attention
 from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup

@@ -4,16 +4,18 @@ argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.weights
 User errors (a missing checkpoint, a bad option) print one line and exit with status 2; they never print a
 traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
 Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with status 141, as a Unix
-tool stopped by SIGPIPE does.
+tool stopped by SIGPIPE does; `vit predict` stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from vit.weights import CheckpointError
@@ -128,21 +130,55 @@ def _predict(args: argparse.Namespace) -> int:
 
     from vit.predict import Predictor, write_results
 
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        amp=args.amp or args.amp_dtype is not None,
-        amp_dtype=getattr(torch, args.amp_dtype or "bfloat16"),
-        model_name=args.model,
-    )
-    results = predictor.predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
-    write_results(results, args.format, sys.stdout)
-    failed = sum(r["error"] is not None for r in results)
+    done = failed = 0
+
+    def counted(results: Iterator[dict]) -> Iterator[dict]:
+        nonlocal done, failed
+        for r in results:
+            yield r
+            done, failed = done + 1, failed + (r["error"] is not None)
+
+    try:
+        with _sigterm_as_exception():
+            predictor = Predictor.from_checkpoint(
+                args.checkpoint,
+                device=args.device,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                amp=args.amp or args.amp_dtype is not None,
+                amp_dtype=getattr(torch, args.amp_dtype or "bfloat16"),
+                model_name=args.model,
+            )
+            results = predictor.iter_predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
+            write_results(counted(results), args.format, sys.stdout)  # JSON and CSV go out as they come
+    except (KeyboardInterrupt, _Terminated) as e:
+        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
+        written = "the table is not written" if args.format == "table" else "the output is incomplete"
+        print(f"vit predict: stopped by {name} after {done} inputs: {written}", file=sys.stderr)
+        return 128 + number  # 130 or 143, what a shell reports for a command that the signal ended
     if failed:
-        print(f"vit predict: {failed} of {len(results)} inputs could not be classified", file=sys.stderr)
+        print(f"vit predict: {failed} of {done} inputs could not be classified", file=sys.stderr)
     return 1 if failed else 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, a batch scheduler), raised as Python raises KeyboardInterrupt for Ctrl-C; not an
+    Exception, which reading an image turns into that image's error."""
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Inside, SIGTERM raises `_Terminated`, so that the output written so far is flushed and the run ends in one
+    line. (vit.predict's DataLoader workers end quietly on theirs.)"""
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import warnings
@@ -60,12 +61,34 @@ def find_images(sources: Iterable[ImageSource]) -> list[ImageSource]:
         if source == "":  # Path('') is '.', the whole current folder
             raise ValueError(EMPTY_SOURCE)
         path = Path(source)
-        found = []
-        if path.is_dir():
-            # not is_file(): a broken symbolic link named like an image is reported, not silently left out
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+        found = _images_under(path) if path.is_dir() else []
         items.extend(found or [source])  # an empty folder stays, to be reported as one
     return items
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The files named like images under `folder`, sorted. Symbolic links to folders are followed, as torchvision's
+    ImageFolder (so `vit test`) follows them, except one back to a folder above it (a loop): skipped, with a warning."""
+    root = str(folder)
+    above = {root: frozenset([os.path.realpath(root)])}  # each folder's real path and those of the folders above it
+    found = []
+    for top, folders, files in os.walk(root, followlinks=True):
+        chain = above.pop(top)
+        kept = []
+        for name in folders:
+            path = os.path.join(top, name)
+            real = os.path.realpath(path)
+            if real in chain:
+                warnings.warn(
+                    f"{path}: skipped: a symbolic link back to {real}, a folder above it (a loop)", stacklevel=3
+                )
+            else:
+                above[path] = chain | {real}
+                kept.append(name)
+        folders[:] = kept  # os.walk descends into these only
+        # files: whatever is not a folder, so a broken symbolic link named like an image is reported, not dropped
+        found += [Path(top, name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 # ------------------------------------------------------------------------------------------ reading images
@@ -187,6 +210,13 @@ class _Images(Dataset):
             return i, None, describe_error(e)
 
 
+def _quiet_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker's SIGTERM from anyone (a scheduler or `kill` signalling the whole process group) ends it
+    quietly, as Ctrl-C does: torch's own handler would die of the signal, and the main process, which has its own
+    SIGTERM to handle, would then raise 'DataLoader worker ... is killed by signal' wherever it happened to be."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list, torch.Tensor | None, list]:
     good = [(i, x) for i, x, _ in samples if x is not None]
     errors = [(i, e) for i, x, e in samples if x is None]
@@ -291,45 +321,49 @@ class Predictor:
         """The class name of an output index (the index itself when the checkpoint has no names)."""
         return self.class_names[index] if self.class_names else str(index)
 
-    @torch.inference_mode()
     def predict(
-        self, inputs: ImageSource | Sequence[ImageSource], topk: int = 5, *, progress: bool | None = None
+        self, inputs: ImageSource | Iterable[ImageSource], topk: int = 5, *, progress: bool | None = None
     ) -> list[Result]:
         """Classify files, folders (searched recursively) or PIL images: one result per image, in order.
 
         `progress=None` shows a bar on a terminal when there are more than a few images.
         """
+        return list(self.iter_predict(inputs, topk, progress=progress))
+
+    def iter_predict(
+        self, inputs: ImageSource | Iterable[ImageSource], topk: int = 5, *, progress: bool | None = None
+    ) -> Iterator[Result]:
+        """As `predict`, but yields each result, in order, as soon as its batch is classified: for writing output
+        as it comes, and for folders too large to hold every result in memory. Folders are searched at the call."""
         if topk < 1:
             raise ValueError(f"topk must be at least 1, got {topk}")
         single = isinstance(inputs, (str, Path, Image.Image))
         items = find_images([inputs] if single else inputs)
-        results: list[Result] = [
-            {"path": None if isinstance(item, Image.Image) else str(item), "predictions": [], "error": None}
-            for item in items
-        ]
-        k = min(topk, self.model.num_classes)
+        return self._classify(items, min(topk, self.model.num_classes), progress)
+
+    @torch.inference_mode()
+    def _classify(self, items: list[ImageSource], k: int, progress: bool | None) -> Iterator[Result]:
         loader = DataLoader(
             _Images(items, self.preprocess),
             batch_size=self.batch_size,
             num_workers=self._workers(len(items)),
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_quiet_on_sigterm,
         )
         show = progress if progress is not None else len(items) > FEW_IMAGES and sys.stderr.isatty()
         with _progress_bar(len(items), show) as advance:
             for indices, batch, errors in loader:
-                for i, message in errors:
-                    results[i]["error"] = message
+                results = {i: _result(items[i], [], message) for i, message in errors}
                 if batch is not None:
                     with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
                         logits = self.model(batch.to(self.device, non_blocking=True))
                     probs, classes = logits.float().softmax(-1).topk(k)
                     for i, p, c in zip(indices, probs.tolist(), classes.tolist()):
-                        results[i]["predictions"] = [
-                            {"label": self.label(j), "index": j, "prob": q} for j, q in zip(c, p)
-                        ]
-                advance(len(indices) + len(errors))
-        return results
+                        predictions = [{"label": self.label(j), "index": j, "prob": q} for j, q in zip(c, p)]
+                        results[i] = _result(items[i], predictions, None)
+                advance(len(results))
+                yield from (results[i] for i in sorted(results))  # a batch holds consecutive inputs
 
     def _workers(self, n_items: int) -> int:
         if self.num_workers is not None:
@@ -338,6 +372,10 @@ class Predictor:
             return 0
         # Decoding overlaps the model; the model itself wants the cores, so a few workers are enough.
         return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _result(item: ImageSource, predictions: list[dict[str, Any]], error: str | None) -> Result:
+    return {"path": None if isinstance(item, Image.Image) else str(item), "predictions": predictions, "error": error}
 
 
 def _check_autocast(device_type: str, dtype: torch.dtype) -> None:
@@ -373,22 +411,30 @@ def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int], None]]:
 
 
 # -------------------------------------------------------------------------------------------- output
-def write_results(results: Sequence[Result], fmt: str, stream: IO[str] | None = None) -> None:
-    """Write results as 'json' (DESIGN's schema), 'csv' (one row per input and rank) or a rich 'table'."""
+def write_results(results: Iterable[Result], fmt: str, stream: IO[str] | None = None) -> None:
+    """Write results as 'json' (DESIGN's schema), 'csv' (one row per input and rank) or a rich 'table'. JSON and
+    CSV are written as the results come (from `Predictor.iter_predict`, say); a table needs them all first."""
     stream = stream or sys.stdout
     if fmt == "json":
-        json.dump(list(results), stream, indent=2)
-        stream.write("\n")
+        # json.dump(list(results), indent=2), item by item: a list cut short by Ctrl-C stays unterminated, not valid
+        stream.write("[")
+        n = 0
+        for n, r in enumerate(results, 1):
+            stream.write(("," if n > 1 else "") + "\n  " + json.dumps(r, indent=2).replace("\n", "\n  "))
+        stream.write("\n]\n" if n else "]\n")
     elif fmt == "csv":
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(["path", "rank", "label", "index", "prob", "error"])
         for r in results:
-            for rank, p in enumerate(r["predictions"], 1):
-                writer.writerow([r["path"], rank, p["label"], p["index"], f"{p['prob']:.6f}", ""])
+            rows = [
+                [r["path"], rank, p["label"], p["index"], f"{p['prob']:.6f}", ""]
+                for rank, p in enumerate(r["predictions"], 1)
+            ]
             if r["error"] is not None:
-                writer.writerow([r["path"], "", "", "", "", r["error"]])
+                rows.append([r["path"], "", "", "", "", r["error"]])
+            writer.writerows(rows)  # one call: Python handles Ctrl-C between calls, so an input keeps all its ranks
     elif fmt == "table":
-        _write_table(results, stream)
+        _write_table(list(results), stream)
     else:
         raise ValueError(f"unknown format {fmt!r}: use table, json or csv")
 

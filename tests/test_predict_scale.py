@@ -1,0 +1,166 @@
+"""`vit predict` on large folders and in scripts: results stream out as they are classified, Ctrl-C and SIGTERM end
+a run in one line with the signal's status and the output so far, and folders are walked as torchvision walks them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets.folder import make_dataset
+
+from tests.tiny_checkpoints import write_safetensors
+from vit.cli import main
+from vit.predict import IMAGE_EXTENSIONS, Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return write_safetensors(tmp_path / "tiny.safetensors")
+
+
+def save_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = [folder / f"{i:03d}.png" for i in range(n)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_iter_predict_yields_the_first_results_before_reading_the_later_images(checkpoint, tmp_path, monkeypatch):
+    paths = save_images(tmp_path / "many", 12)
+    predictor = Predictor.from_checkpoint(checkpoint, batch_size=2, num_workers=0)
+    read = []
+    preprocess = predictor.preprocess
+    monkeypatch.setattr(predictor, "preprocess", lambda source: (read.append(source), preprocess(source))[1])
+    results = predictor.iter_predict(tmp_path / "many")
+    first = next(results)
+    assert first["path"] == str(paths[0]) and len(read) == 2  # one batch read, not the whole folder
+    assert [r["path"] for r in [first, *results]] == [str(p) for p in paths] and len(read) == 12
+    assert predictor.predict(iter(paths))[3]["predictions"] == predictor.predict(paths[3])[0]["predictions"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_output_is_written_as_the_results_come(fmt, checkpoint, tmp_path):
+    paths = save_images(tmp_path / "many", 3)
+    results = Predictor.from_checkpoint(checkpoint, num_workers=0).predict(paths)
+    stream = io.StringIO()
+    seen = []
+
+    def slowly():
+        for r in results:
+            seen.append(stream.getvalue())
+            yield r
+
+    from vit.predict import write_results
+
+    write_results(slowly(), fmt, stream)
+    assert all(str(paths[i]) in seen[i + 1] for i in range(2))  # result i was out before result i + 1 was asked for
+    if fmt == "json":
+        assert stream.getvalue() == json.dumps(results, indent=2) + "\n"
+        empty = io.StringIO()
+        write_results(iter([]), "json", empty)
+        assert json.loads(empty.getvalue()) == []
+
+
+def _stop_at(n: int, exception: type[BaseException] | None, monkeypatch) -> None:
+    """Reading the n-th image raises `exception` (Ctrl-C), or sends this process SIGTERM when it is None."""
+    calls = []
+    preprocess = Predictor.preprocess
+
+    def stopping(self, source):
+        calls.append(source)
+        if len(calls) == n:
+            if exception is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise exception
+        return preprocess(self, source)
+
+    monkeypatch.setattr(Predictor, "preprocess", stopping)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+@pytest.mark.parametrize("how, status", [("Ctrl-C", 130), ("SIGTERM", 143)])
+def test_a_run_stopped_halfway_keeps_the_finished_results_and_says_so_in_one_line(
+    how, status, fmt, checkpoint, tmp_path, capsys, monkeypatch
+):
+    save_images(tmp_path / "many", 10)
+    _stop_at(5, KeyboardInterrupt if how == "Ctrl-C" else None, monkeypatch)
+    fallback = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM reached the test, not vit predict"))
+    try:
+        argv = ["predict", str(tmp_path / "many"), "-c", str(checkpoint), "--format", fmt]
+        code = main([*argv, "--batch-size", "1", "--num-workers", "0"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out of vit predict as a traceback")
+    finally:
+        signal.signal(signal.SIGTERM, fallback)
+    out, err = capsys.readouterr()
+    assert code == status
+    assert err == f"vit predict: stopped by {how} after 4 inputs: the output is incomplete\n"
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert [Path(r["path"]).name for r in rows[::5]] == [f"{i:03d}.png" for i in range(4)]
+        assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"] * 4  # whole rows, all four images complete
+    else:
+        with pytest.raises(json.JSONDecodeError):  # an unterminated list: never mistaken for a complete one
+            json.loads(out)
+        assert json.loads(out + "\n]") and len(json.loads(out + "\n]")) == 4
+
+
+def test_sigterm_to_the_whole_process_group_with_workers_ends_in_one_line(checkpoint, tmp_path):
+    """A scheduler signals every process of the job: the decoding workers too. Reading is slowed so that the run
+    is still going when the first rows come out."""
+    save_images(tmp_path / "many", 200)
+    argv = ["predict", str(tmp_path / "many"), "-c", str(checkpoint), "--format", "csv", "--num-workers", "2"]
+    slow = (
+        "import time, vit.predict as p; read = p.read_image; "
+        "p.read_image = lambda *a, **k: (time.sleep(0.05), read(*a, **k))[1]; "
+        f"from vit.cli import main; raise SystemExit(main({argv!r} + ['--batch-size', '4']))"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", slow],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as child:
+        assert child.stdout.readline().startswith("path,rank")  # flushed as the workers were forked
+        assert ".png,1," in child.stdout.readline()  # the first block of rows is out: mid-run
+        os.killpg(child.pid, signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 143
+    assert err.startswith("vit predict: stopped by SIGTERM after ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_symbolic_links_to_folders_are_followed_as_torchvision_follows_them(checkpoint, tmp_path):
+    root = tmp_path / "photos"
+    save_images(root / "cat", 2)
+    save_images(tmp_path / "elsewhere", 2)
+    (root / "dog").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    expected = make_dataset(str(root), {"cat": 0, "dog": 1}, extensions=tuple(IMAGE_EXTENSIONS))
+    results = Predictor.from_checkpoint(checkpoint, num_workers=0).predict(root)
+    assert [r["path"] for r in results] == sorted(path for path, _ in expected)
+    assert len(results) == 4 and all(r["error"] is None for r in results)
+
+
+def test_a_symbolic_link_loop_is_skipped_with_a_warning(checkpoint, tmp_path):
+    root = tmp_path / "photos"
+    paths = save_images(root / "cat", 2)
+    (root / "cat" / "again").symlink_to(root, target_is_directory=True)  # photos/cat/again/cat/again/...
+    with pytest.warns(UserWarning, match=r"again: skipped: a symbolic link back to .*photos, a folder above it"):
+        results = Predictor.from_checkpoint(checkpoint, num_workers=0).predict(root)
+    assert [r["path"] for r in results] == [str(p) for p in paths]

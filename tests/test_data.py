@@ -193,7 +193,7 @@ def test_training_reads_an_image_as_vit_predict_does(tmp_path):
     """Upright by its EXIF orientation, transparency on white, 16-bit scaled: a model must not train on images
     that `vit predict` would show it otherwise."""
     from vit.datasets import FileImages
-    from vit.predict import read_image
+    from vit.images import read_image
 
     rng = np.random.default_rng(0)
     rotated = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from vit.data import ImageFolderDataModule
-from vit.predict import find_images
+from vit.images import find_images
 
 
 def _image(path: Path, fmt: str | None = None, mode: str = "RGB") -> None:

@@ -26,7 +26,8 @@ from tests.tiny_checkpoints import (
     write_timm_state_dict,
 )
 from vit.cli import main
-from vit.predict import Predictor, read_image
+from vit.images import read_image
+from vit.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = 2 / 255  # one 8-bit level after normalising with std 0.5

@@ -19,7 +19,8 @@ from torchvision.datasets.folder import make_dataset
 
 from tests.tiny_checkpoints import write_safetensors
 from vit.cli import main
-from vit.predict import IMAGE_EXTENSIONS, Predictor
+from vit.images import IMAGE_EXTENSIONS
+from vit.predict import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -86,7 +86,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 def _source(text: str) -> str:
     if not text:  # '' would be read as '.', the current folder
-        from vit.predict import EMPTY_SOURCE
+        from vit.images import EMPTY_SOURCE
 
         raise argparse.ArgumentTypeError(EMPTY_SOURCE)
     return text

@@ -20,7 +20,7 @@ from torchvision.datasets.folder import make_dataset
 from vit.cifar import CIFAR10DataModule, CIFAR100DataModule
 from vit.datamodule import VisionDataModule
 from vit.datasets import ArrayImages, FileImages, carve, class_folders
-from vit.predict import IMAGE_EXTENSIONS
+from vit.images import IMAGE_EXTENSIONS
 
 __all__ = [
     "CIFAR10DataModule",

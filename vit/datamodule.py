@@ -24,8 +24,8 @@ from vit.datasets import (
     batch_random_resized_crop,
     collate_skipping,
 )
+from vit.images import decode_size
 from vit.lightning_notes import silence_lightning_notes
-from vit.predict import decode_size
 
 silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 

@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from vit.predict import describe_error, read_image
+from vit.images import describe_error, read_image
 
 # What PIL raises for a missing, truncated or undecodable file.
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -103,7 +103,7 @@ class ImageDataset(Dataset):
         min_size: int | None = None,
     ):
         self.source, self.indices, self.transform, self.mode = source, list(indices), transform, mode
-        self.min_size = min_size  # JPEGs are decoded at reduced scale down to this side (`vit.predict.decode_size`)
+        self.min_size = min_size  # JPEGs are decoded at reduced scale down to this side (`vit.images.decode_size`)
         self.finish = finish  # not a lambda: datasets travel to spawned loader workers by pickle
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
         self.skipped: list[Skipped] = []

@@ -1,5 +1,5 @@
 """Deletion and insertion scores of every attention-map method, against random maps, on a small ViT trained
-briefly on scikit-learn's digits (offline, about half a minute on two CPU cores).
+briefly on scikit-learn's digits (offline, about a minute on two CPU cores).
 
     python -m benchmarks.attention_faithfulness [--epochs 30] [--seeds 5] [--steps 16] [--threads 1]
 
@@ -74,13 +74,14 @@ def random_maps(x: torch.Tensor, patch_size: int, seed: int) -> torch.Tensor:
     return torch.rand(x.shape[0], x.shape[-2] // patch_size, x.shape[-1] // patch_size, generator=g)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Train the digits ViT, then print the faithfulness table of every method and of random maps."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=5, help="random maps are averaged over this many seeds")
     parser.add_argument("--steps", type=int, default=None, help="curve steps (default: one per patch)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small models run best on one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()

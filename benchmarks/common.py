@@ -6,6 +6,7 @@ so that load from other processes (this machine's two cores are shared) hits bot
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -75,6 +76,18 @@ def speedup(times: dict[str, list[float]], ours: str, base: str) -> tuple[float,
         return ratios[0], ratios[0], ratios[0]
     q1, med, q3 = statistics.quantiles(ratios, n=4)
     return med, q1, q3
+
+
+def image_folder(path: str) -> Path:
+    """An argparse type for `--data-dir`: a folder `vit fit` can train on (DIR/<class>/<image>), checked when the
+    arguments are read, so that a wrong path is one usage line rather than a traceback minutes into a run."""
+    from vit.data import ImageFolderDataModule
+
+    try:  # the data module's own checks and messages: no such folder, no class folders, one class, no images
+        ImageFolderDataModule(path, num_workers=0).setup("fit")
+    except (FileNotFoundError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(path)
 
 
 def header() -> str:

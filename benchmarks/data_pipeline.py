@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ratio_spread
+from common import image_folder, ratio_spread
 from loop_overhead import config_model, config_threads, plain_optimizer, random_image_folder, read_config, train_step
 
 from vit.data import DigitsDataModule, ImageFolderDataModule, VisionDataModule
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     """Print loader/model images/s for the ImageFolder and digits data modules."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", choices=["imagefolder", "digits"], default=["imagefolder", "digits"])
-    parser.add_argument("--data-dir", type=Path, help="ImageFolder setting: DIR/<class>/<image> (default: random)")
+    parser.add_argument(
+        "--data-dir", type=image_folder, help="ImageFolder setting: DIR/<class>/<image> (default: random)"
+    )
     parser.add_argument("--images", type=int, default=2000, help="random ImageFolder: images (10 classes)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=12, help="batches per loader pass (and model steps)")

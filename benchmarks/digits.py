@@ -3,6 +3,7 @@
 all in this one run.
 
     python benchmarks/digits.py [--seeds 0 1 2] [--config configs/digits.yaml]
+    python benchmarks/digits.py --quick      # one seed, one epoch of two batches: keeps the script from rotting
 
 Each `vit` command runs as its own process, as a user would run it, so the wall time includes start-up.
 """
@@ -70,11 +71,18 @@ def summary(name: str, values: list[float], reference: dict[str, float]) -> None
     print(f"{name:>10}: test accuracy {mean:.4f} ± {spread:.4f} (half range; min {min(values):.4f})  {ratios}")
 
 
-def main() -> None:
+QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print each seed's test accuracies, their mean and spread, and scikit-learn's on the same split."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a smoke test: the first seed, one epoch of 2 batches")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
     config = args.config.resolve()
 
     reference = baselines()
@@ -83,7 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for seed in args.seeds:
-            out, seconds = vit_command(["fit", "--config", str(config), "--seed_everything", str(seed)], work)
+            out, seconds = vit_command(
+                ["fit", "--config", str(config), "--seed_everything", str(seed), *(QUICK if args.quick else [])], work
+            )
             fit_times.append(seconds)
             paths = re.search(r"best (\S+best\.ckpt)\s+last\s+(\S+last\.ckpt)", out)
             for name, path in zip(results, paths.groups()):
@@ -93,7 +103,8 @@ def main() -> None:
 
     seeds = ",".join(map(str, args.seeds))
     seeds = f"{{{seeds}}}" if len(args.seeds) > 1 else seeds  # the shell's brace expansion for several
-    print(f"\nvit fit --config {args.config} --seed_everything {seeds}, then vit test:")
+    quick = " " + " ".join(QUICK) if args.quick else ""
+    print(f"\nvit fit --config {args.config} --seed_everything {seeds}{quick}, then vit test:")
     for name, values in results.items():
         summary(name, values, reference)
     print(

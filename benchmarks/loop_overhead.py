@@ -43,7 +43,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's `vit`, installed or not
-from common import ratio_spread  # noqa: E402
+from common import image_folder, ratio_spread  # noqa: E402
 
 import vit  # noqa: E402
 
@@ -343,13 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", choices=["digits", "imagefolder"], default=["digits", "imagefolder"])
     parser.add_argument("--rounds", type=int, default=5, help="runs of each side per setting")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is warm-up")
-    parser.add_argument("--data-dir", type=Path, help="ImageFolder setting: DIR/<class>/<image> (default: random)")
+    parser.add_argument(
+        "--data-dir", type=image_folder, help="ImageFolder setting: DIR/<class>/<image> (default: random)"
+    )
     parser.add_argument("--images", type=int, default=1000, help="random ImageFolder: images (10 classes)")
     parser.add_argument("--batches", type=int, help="training batches per epoch (default: the whole split)")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test: 1 round, no warm-up run, 2 epochs of 2 small batches"
     )
     args = parser.parse_args(argv)
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be 2 or more (the first epoch of every run is warm-up) and --rounds 1 or more")
     batch_size = None
     if args.quick:
         args.rounds, args.epochs, args.batches, args.images, batch_size = 1, 2, 2, 60, 8

@@ -1,0 +1,110 @@
+"""The benchmark scripts the other benchmark tests do not run (digits.py, attention_faithfulness.py) and the README's
+variants of the others (a real `--data-dir`, `--in-memory`), each in a tiny mode, and their usage errors: one line,
+before any work. The figures they print are measurements: only the shape of the report is checked."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from _images import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_importable(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import `common` as a sibling
+    monkeypatch.chdir(tmp_path)
+
+
+def readme_table_heading(command: str) -> str:
+    """The heading row of the README table that follows `command`."""
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(command) :]
+    return next(line for line in after.splitlines() if line.startswith("| "))
+
+
+@pytest.mark.parametrize(
+    ("script", "make", "message"),
+    [
+        ("data_pipeline", None, "no such folder"),
+        ("data_pipeline", "empty", "no class folders"),
+        ("loop_overhead", "no images", "no images found"),
+    ],
+)
+def test_a_data_dir_that_is_no_image_folder_is_one_usage_line_before_any_work(
+    script, make, message, tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "train"
+    if make:
+        (folder / "a").mkdir(parents=True)
+        (folder / "b").mkdir()
+        if make == "no images":
+            (folder / "a" / "notes.txt").write_text("not an image")
+        else:
+            folder = folder / "a"
+    module = __import__(script)
+    monkeypatch.setattr(module, "random_image_folder", lambda *a, **k: pytest.fail("started the benchmark"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--settings", "imagefolder", "--data-dir", str(folder), "--quick"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f".py: error: argument --data-dir: {folder}: {message}" in err  # (the prog name is pytest's here)
+
+
+def test_loop_overhead_refuses_a_run_with_no_timed_epoch(capsys):
+    from loop_overhead import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--settings", "digits", "--epochs", "1"])
+    assert stop.value.code == 2
+    assert "--epochs must be 2 or more" in capsys.readouterr().err
+
+
+def test_data_pipeline_on_a_real_folder_in_memory_reports_the_cache(tmp_path, capsys):
+    from data_pipeline import main
+
+    write_image_folder(tmp_path / "train", classes=("a", "b", "c"), per_class=12, size=32)
+    assert main(["--settings", "imagefolder", "--data-dir", str(tmp_path / "train"), "--in-memory", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"set up in {NUMBER} s, cache \(3\d, 3, 32, 32\) torch.uint8", out), out
+    assert re.search(rf"loader +{NUMBER} img/s +model +{NUMBER} img/s +loader/model {NUMBER}", out), out
+
+
+def test_attention_faithfulness_prints_the_readmes_table(capsys):
+    from attention_faithfulness import main
+
+    from vit.explain import METHODS
+
+    main(["--epochs", "1", "--seeds", "1", "--steps", "2"])
+    out = capsys.readouterr().out.splitlines()
+    heading = readme_table_heading("| method | deletion AUC")
+    assert heading in out
+    rows = out[out.index(heading) + 2 :]
+    score = rf"{NUMBER} ± {NUMBER}"
+    for method in (*METHODS, "random (mean of 1 seeds)"):
+        assert any(re.fullmatch(rf"\| {re.escape(method)} \| {score} \| {score} \|", row) for row in rows), out
+
+
+def test_digits_benchmark_fits_tests_and_compares_with_scikit_learn(monkeypatch, capsys):
+    import digits
+
+    from vit.cli import main as vit_main
+
+    def in_process(args: list[str], cwd: Path) -> tuple[str, float]:  # `vit ...` without a process start (seconds)
+        monkeypatch.chdir(cwd)
+        assert vit_main(args) == 0
+        return capsys.readouterr().out, 0.0
+
+    monkeypatch.setattr(digits, "vit_command", in_process)
+    digits.main(["--quick", "--seeds", "3", "4"])
+    out = capsys.readouterr().out
+    assert re.search(rf"seed 3: `vit fit` {NUMBER} s wall; test accuracy best.ckpt {NUMBER}, last.ckpt {NUMBER}", out)
+    assert "seed 4" not in out  # --quick: the first seed only
+    assert "--seed_everything 3 --trainer.max_epochs 1" in out
+    for name in ("best.ckpt", "last.ckpt"):
+        assert re.search(rf"{name}: test accuracy {NUMBER} ± {NUMBER} .* vit / SVC\(\) = {NUMBER}", out)
+    assert re.search(rf"SVC\(\): test accuracy {NUMBER} \(same split", out)

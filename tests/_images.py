@@ -62,3 +62,20 @@ def write_cifar10(
         pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch}, f, protocol=protocol)
     train_images = np.concatenate([images for images, _ in train])
     return train_images, [y for _, labels in train for y in labels], test_images, test_labels
+
+
+def write_cifar100(root: Path, per_split: int = 200, seed: int = 0) -> list[str]:
+    """torchvision's on-disk CIFAR-100 layout (root/cifar-100-python/: train, test, meta, with fine and coarse
+    labels). Returns the 100 fine class names."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    names = [f"class_{i:02d}" for i in range(100)]
+    for split in ("train", "test"):
+        fine = rng.integers(0, 100, per_split).tolist()
+        data = rng.integers(0, 256, (per_split, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": fine, "coarse_labels": [y // 5 for y in fine]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": names, "coarse_label_names": [f"group_{i}" for i in range(20)]}, f)
+    return names

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _images import CIFAR10_NAMES, write_cifar10, write_image_folder
+from _images import CIFAR10_NAMES, write_cifar10, write_cifar100, write_image_folder
 from timm.layers import resample_abs_pos_embed
 
 import vit
@@ -169,6 +169,15 @@ def test_every_config_parses(config, capsys):
     assert "class_path: vit.data." in capsys.readouterr().out
 
 
+def test_every_config_is_trained_for_a_step_by_a_test_in_this_file():
+    # issue 7: a config that only parses can still rot (a renamed option, a class that no longer fits its data)
+    source = Path(__file__).read_text()
+    untrained = [
+        p.name for p in CONFIGS.glob("*.yaml") if f'main(["fit", "--config", str(CONFIGS / "{p.name}")' not in source
+    ]
+    assert not untrained
+
+
 def test_cifar10_config_trains_on_a_local_copy_with_mixup(tmp_path):
     write_cifar10(tmp_path / "data")
     tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -177,6 +186,28 @@ def test_cifar10_config_trains_on_a_local_copy_with_mixup(tmp_path):
     assert main(["fit", "--config", str(CONFIGS / "cifar10.yaml"), *args]) == 0
     checkpoint = vit.read_checkpoint("runs/cifar10/version_0/checkpoints/last.ckpt")
     assert checkpoint.class_names == CIFAR10_NAMES and checkpoint.model_config["depth"] == 1
+
+
+def test_cifar100_config_trains_on_a_local_copy_with_its_hundred_classes(tmp_path):
+    names = write_cifar100(tmp_path / "data")
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    args = ["--data.data_dir", str(tmp_path / "data"), "--data.download", "false", "--data.num_workers", "0"]
+    args += ["--data.batch_size", "8", "--model.model_overrides", json.dumps(tiny), *QUICK]
+    assert main(["fit", "--config", str(CONFIGS / "cifar100.yaml"), *args]) == 0
+    checkpoint = vit.read_checkpoint("runs/cifar100/version_0/checkpoints/last.ckpt")
+    assert checkpoint.class_names == names and checkpoint.state_dict["head.weight"].shape == (100, 32)
+
+
+def test_cifar10_gpu_config_trains_its_conv_stem_vit_on_a_cpu_when_told_to(tmp_path):
+    # the recipe as committed, less what needs a GPU (the accelerator, bf16 at speed, compiling for minutes)
+    write_image_folder(tmp_path / "train", classes=CIFAR10_NAMES, per_class=4, size=32)
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false"]
+    one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    args = ["--data.train_dir", str(tmp_path / "train"), "--data.batch_size", "8", *cpu, *one_step]  # ViT-S: 14M
+    assert main(["fit", "--config", str(CONFIGS / "cifar10_gpu.yaml"), *args]) == 0
+    model, checkpoint = vit.load_model("runs/cifar10_gpu/version_0/checkpoints/last.ckpt")
+    assert model.cfg.conv_stem == (64, 128) and model.cfg.embed_dim == 384 and model.cfg.depth == 8
+    assert model.cfg.img_hw == (32, 32) and checkpoint.class_names == sorted(CIFAR10_NAMES)
 
 
 def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget(tmp_path):

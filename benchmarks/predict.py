@@ -4,10 +4,12 @@ eval transform, the model, in batches) on the same weights, in the same run.
     python benchmarks/predict.py                 # 1,000 JPEGs at 224 px
     python benchmarks/predict.py --amp           # also Predictor(amp=True): bfloat16 autocast against float32
     python benchmarks/predict.py --jpeg-size 4000 3000  # photo-sized JPEGs: decoding costs more than the model
+    python benchmarks/predict.py --data-dir path/to/cifar10/train  # your own copy of the CIFAR-10 JPEGs
     python benchmarks/predict.py --quick --synthetic
 
-The JPEGs are CIFAR-10 images from shared/data/cifar10-train (the JPEG copy) upsampled to 224 px when that folder is
-there, otherwise synthetic ones. The model is vit_tiny_patch16_224 (or --model) with random weights.
+The JPEGs are images of --data-dir (DIR/<class>/<image>, classes taken in turn) upsampled to 224 px: by default
+CIFAR-10's from shared/data/cifar10-train (the JPEG copy) when that folder is there, otherwise synthetic ones.
+The model is vit_tiny_patch16_224 (or --model) with random weights.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from timm.data import create_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's vit, not an installed one
+from common import image_folder  # noqa: E402
+
 import vit  # noqa: E402
-from vit.predict import Predictor  # noqa: E402
+from vit.predict import IMAGE_EXTENSIONS, Predictor  # noqa: E402
 
 # The shared data sit beside the main checkout (../shared) or two levels up from a helper's worktree.
 CIFAR_CANDIDATES = [ROOT.parent / "shared/data/cifar10-train", ROOT.parents[1] / "shared/data/cifar10-train"]
@@ -35,15 +39,18 @@ SIZE = 224
 
 
 def make_jpegs(folder: Path, count: int, source: Path | None, size: tuple[int, int] = (SIZE, SIZE)) -> list[Path]:
-    """`count` JPEGs of `size` (width, height): CIFAR-10 images upsampled (classes taken in turn), or smooth random
-    pictures."""
+    """`count` JPEGs of `size` (width, height): the images of `source`/<class>/ resized (classes taken in turn), or
+    smooth random pictures."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     classes = sorted(p for p in source.iterdir() if p.is_dir()) if source else []
+    images = [sorted(p for p in c.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes]
+    images = [files for files in images if files]
     paths = []
     for i in range(count):
-        if classes:
-            image = Image.open(classes[i % len(classes)] / f"{i // len(classes):04d}.jpg").convert("RGB")
+        if images:
+            files = images[i % len(images)]
+            image = Image.open(files[i // len(images) % len(files)]).convert("RGB")
         else:
             image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
         paths.append(folder / f"{i:04d}.jpg")
@@ -68,7 +75,7 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Build the images and the checkpoint, time both paths (best of --repeats), print images/s and the ratio."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -77,13 +84,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each path, alternating; the best counts")
     parser.add_argument("--quick", action="store_true", help="a handful of images, one run: a smoke test")
     parser.add_argument("--synthetic", action="store_true", help="synthetic JPEGs even if the CIFAR-10 copy is there")
+    parser.add_argument("--data-dir", type=image_folder, help="DIR/<class>/<image> to take the images from")
     parser.add_argument("--model", default=MODEL, help="a 224-px model name (random weights)")
     parser.add_argument("--amp", action="store_true", help="also time Predictor(amp=True) (bfloat16 autocast)")
     parser.add_argument("--jpeg-size", type=int, nargs=2, default=(SIZE, SIZE), metavar=("W", "H"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.images, args.batch_size, args.repeats = 8, 4, 1
-    source = None if args.synthetic else next((p for p in CIFAR_CANDIDATES if p.is_dir()), None)
+    source = args.data_dir or next((p for p in CIFAR_CANDIDATES if p.is_dir()), None)
+    source = None if args.synthetic else source
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp) / "images", args.images, source, tuple(args.jpeg_size))
@@ -118,7 +127,7 @@ def main() -> None:
 
     n = len(paths)
     width, height = args.jpeg_size
-    kind = "CIFAR-10 upsampled" if source else "synthetic"
+    kind = f"from {source}, resized" if source else "synthetic"
     print(f"{n} JPEGs of {width}x{height} px ({kind}), {args.model}, random weights")
     print(f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"plain loop: {n / min(plain_s):8.1f} images/s")

@@ -27,9 +27,14 @@ def readme_table_heading(command: str) -> str:
     return next(line for line in after.splitlines() if line.startswith("| "))
 
 
+# each script's first step of real work, which a bad --data-dir must never reach
+FIRST_WORK = {"predict": "make_jpegs", "data_pipeline": "compare", "loop_overhead": "Setting"}
+
+
 @pytest.mark.parametrize(
     ("script", "make", "message"),
     [
+        ("predict", None, "no such folder"),
         ("data_pipeline", None, "no such folder"),
         ("data_pipeline", "empty", "no class folders"),
         ("loop_overhead", "no images", "no images found"),
@@ -47,9 +52,9 @@ def test_a_data_dir_that_is_no_image_folder_is_one_usage_line_before_any_work(
         else:
             folder = folder / "a"
     module = __import__(script)
-    monkeypatch.setattr(module, "random_image_folder", lambda *a, **k: pytest.fail("started the benchmark"))
+    monkeypatch.setattr(module, FIRST_WORK[script], lambda *a, **k: pytest.fail("started the benchmark"))
     with pytest.raises(SystemExit) as stop:
-        module.main(["--settings", "imagefolder", "--data-dir", str(folder), "--quick"])
+        module.main(["--data-dir", str(folder), "--quick"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f".py: error: argument --data-dir: {folder}: {message}" in err  # (the prog name is pytest's here)
@@ -72,6 +77,16 @@ def test_data_pipeline_on_a_real_folder_in_memory_reports_the_cache(tmp_path, ca
     out = capsys.readouterr().out
     assert re.search(rf"set up in {NUMBER} s, cache \(3\d, 3, 32, 32\) torch.uint8", out), out
     assert re.search(rf"loader +{NUMBER} img/s +model +{NUMBER} img/s +loader/model {NUMBER}", out), out
+
+
+def test_predict_benchmark_takes_its_images_from_a_folder_of_the_users(tmp_path, capsys):
+    from predict import main
+
+    write_image_folder(tmp_path / "photos", classes=("a", "b"), per_class=3, size=40)  # any names, not 0000.jpg
+    main(["--quick", "--data-dir", str(tmp_path / "photos")])
+    out = capsys.readouterr().out
+    assert f"8 JPEGs of 224x224 px (from {tmp_path / 'photos'}, resized)" in out
+    assert re.search(rf"ratio Predictor / plain loop: {NUMBER}", out) and "top-1 agreement: 8/8" in out
 
 
 def test_attention_faithfulness_prints_the_readmes_table(capsys):

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))  # this checkout's vit, not an installed one
 from common import image_folder  # noqa: E402
 
 import vit  # noqa: E402
-from vit.predict import IMAGE_EXTENSIONS, Predictor  # noqa: E402
+from vit.images import IMAGE_EXTENSIONS  # noqa: E402
+from vit.predict import Predictor  # noqa: E402
 
 # The shared data sit beside the main checkout (../shared) or two levels up from a helper's worktree.
 CIFAR_CANDIDATES = [ROOT.parent / "shared/data/cifar10-train", ROOT.parents[1] / "shared/data/cifar10-train"]

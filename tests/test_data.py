@@ -212,7 +212,8 @@ def test_training_reads_an_image_as_vit_predict_does(tmp_path):
 def test_a_large_jpeg_is_evaluated_as_vit_predict_sees_it_and_trained_on_at_reduced_scale(tmp_path):
     """`vit predict` decodes a large JPEG at reduced scale (libjpeg's draft); `vit test` must see the same pixels,
     and training may decode it smaller too, as long as its smallest random crop still covers the input size."""
-    from vit.predict import Predictor, decode_size
+    from vit.images import decode_size
+    from vit.predict import Predictor
 
     smooth = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
     photo = Image.fromarray(smooth).resize((1600, 1200), Image.BICUBIC)  # a photo's size, kept small for the test

@@ -234,7 +234,8 @@ def _attention(args: argparse.Namespace) -> int:
     import torch
 
     from vit.explain import explain
-    from vit.predict import Predictor, describe_error
+    from vit.images import describe_error
+    from vit.predict import Predictor
     from vit.visualize import attention_figure, model_view
     from vit.weights import load_model
 

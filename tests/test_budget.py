@@ -32,11 +32,16 @@ class _Clock(Callback):
 
 
 def fit_with_budget(
-    monkeypatch, minutes: float, seconds_per_batch: float, max_epochs: int = 50, validation_s: float = 0.0
+    monkeypatch,
+    minutes: float,
+    seconds_per_batch: float,
+    max_epochs: int = 50,
+    validation_s: float = 0.0,
+    warmup_epochs: float = 1,
 ):
     clock = _Clock(monkeypatch, seconds_per_batch, validation_s)  # before the budget, which reads the clock when made
     budget = TimeBudget(minutes=minutes, reserve_s=0.0)
-    model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=1, min_lr_ratio=0.0)
+    model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=warmup_epochs, min_lr_ratio=0.0)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=max_epochs,
@@ -83,3 +88,15 @@ def test_a_budget_that_is_not_needed_changes_nothing(monkeypatch):
 def test_an_epoch_that_overruns_the_budget_stops_mid_epoch(monkeypatch):
     trainer = fit_with_budget(monkeypatch, minutes=2.5 / 60, seconds_per_batch=1.0)  # 2.5 s: the third batch
     assert trainer.global_step == 3  # of the 4 batches of the first epoch, and no other epoch
+
+
+def test_a_budget_shorter_than_the_warmup_says_the_lr_never_decays(monkeypatch, recwarn):
+    # a 2-epoch warmup (8 steps) in a budget of 7.5 s at 1.5 s a batch: one epoch (6 s), then one step more fits
+    fit_with_budget(monkeypatch, minutes=7.5 / 60, seconds_per_batch=1.5, warmup_epochs=2)
+    said = [str(w.message) for w in recwarn if "warmup_epochs" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("vit: warmup_epochs 2 (8 steps) lasts the whole run (5 steps)")
+
+
+def test_a_budget_longer_than_the_warmup_says_nothing_of_it(monkeypatch, recwarn):
+    fit_with_budget(monkeypatch, minutes=7.5 / 60, seconds_per_batch=1.5, warmup_epochs=1)  # 4 steps of 5
+    assert not [w for w in recwarn if "warmup_epochs" in str(w.message)]

@@ -89,6 +89,17 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_every_step():
     assert lrs[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
 
 
+@pytest.mark.parametrize(("warmup_epochs", "warns"), [(3, True), (1, False)])
+def test_a_run_no_longer_than_its_warmup_says_its_lr_never_decays(warmup_epochs, warns, recwarn):
+    model = tiny(warmup_epochs=warmup_epochs)
+    fit(model, max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    said = [str(w.message) for w in recwarn if "warmup_epochs" in str(w.message)]
+    if warns:  # 2 batches an epoch: the 3-epoch warmup takes 6 steps of the run's 4
+        assert len(said) == 1 and said[0].startswith("vit: warmup_epochs 3 (6 steps) lasts the whole run (4 steps)")
+    else:
+        assert not said
+
+
 def test_frozen_backbone_trains_only_the_head():
     model = tiny(freeze_backbone=True, lr=1e-2)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

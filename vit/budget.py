@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from vit.module import WarmupCosine
+from vit.module import WarmupCosine, warn_warmup_outlasts_the_run
 
 
 class TimeBudget(Callback):
@@ -38,6 +38,7 @@ class TimeBudget(Callback):
         self.most_epochs: int | None = None
         self.stop_at_step: int | None = None  # the planned end inside the last epoch
         self.plan: tuple[int, int] | None = None  # (max_epochs, the schedule's last step)
+        self.warned_warmup = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.most_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
@@ -75,14 +76,19 @@ class TimeBudget(Callback):
             whole, extra = self.most_epochs - done, 0
         plan = [done + whole + (extra > 0), trainer.global_step + whole * steps_per_epoch + extra]
         epochs, total_steps = (int(n) for n in trainer.strategy.broadcast(plan, src=0))  # one plan for all ranks
+        warmup = 0
         self.stop_at_step = total_steps if extra > 0 else None
         trainer.fit_loop.max_epochs = epochs
         for config in trainer.lr_scheduler_configs:
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
                 if isinstance(schedule, WarmupCosine):
                     schedule.total = float(total_steps)
+                    warmup = schedule.warmup
         if (epochs, total_steps) != self.plan:
             self.plan = (epochs, total_steps)
+            if warmup >= total_steps and not self.warned_warmup:
+                self.warned_warmup = True
+                warn_warmup_outlasts_the_run(pl_module.hparams.get("warmup_epochs", 0), warmup, total_steps)
             rank_zero_info(
                 f"vit: {epoch_s:.1f} s per epoch ({self.validation_s:.1f} s of it validation); training ends at step "
                 f"{total_steps}, in epoch {epochs - 1}, to fit the {self.minutes:g}-minute budget"

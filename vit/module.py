@@ -51,6 +51,15 @@ class WarmupCosine:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warn_warmup_outlasts_the_run(warmup_epochs: float, warmup: int, total: float) -> None:
+    """A run no longer than its warmup (a quick `--trainer.max_epochs 2` of a config that warms up for 3) ends with
+    the LR still rising, and so with weights that were never annealed: worth a line, since nothing else shows it."""
+    rank_zero_warn(
+        f"vit: warmup_epochs {warmup_epochs:g} ({warmup} steps) lasts the whole run ({total:.0f} steps): the LR is "
+        f"still rising when training ends and never decays; lower --model.warmup_epochs"
+    )
+
+
 class CountCpuAttentionInTheSummary(Callback):
     """Lightning's model summary (a callback's `on_fit_start`, before this one's: a module's callbacks come last)
     counts CPU attention by torch's SDPA formula: `vit.flops.counting_cpu_attention` is open from setup until fit
@@ -368,6 +377,11 @@ class ViTClassifier(L.LightningModule):
         per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         warmup = max(1, round(self.hparams.warmup_epochs * per_epoch))
         schedule = WarmupCosine(warmup, float(total), self.hparams.min_lr_ratio)
+        from vit.budget import TimeBudget  # here: vit.budget imports this module
+
+        budgeted = any(isinstance(c, TimeBudget) for c in self.trainer.callbacks)  # it plans `total` as it goes
+        if warmup >= total and not budgeted and not self.trainer.fast_dev_run:
+            warn_warmup_outlasts_the_run(self.hparams.warmup_epochs, warmup, total)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},

@@ -210,6 +210,17 @@ def test_cifar10_gpu_config_trains_its_conv_stem_vit_on_a_cpu_when_told_to(tmp_p
     assert model.cfg.img_hw == (32, 32) and checkpoint.class_names == sorted(CIFAR10_NAMES)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the config runs as committed where there is a GPU")
+def test_cifar10_gpu_config_without_a_gpu_says_how_to_run_it_on_the_cpu(tmp_path, capsys):
+    write_image_folder(tmp_path / "train", classes=CIFAR10_NAMES, per_class=2, size=32)
+    assert (
+        main(["fit", "--config", str(CONFIGS / "cifar10_gpu.yaml"), "--data.train_dir", str(tmp_path / "train")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vit fit: error: No supported gpu backend found! (this machine has no GPU: add ")
+    assert "--trainer.accelerator cpu" in err
+
+
 def test_cifar10_cpu_config_trains_a_conv_stem_vit_from_memory_within_its_budget(tmp_path):
     write_image_folder(tmp_path / "train", classes=CIFAR10_NAMES, per_class=4, size=32)
     args = ["--data.train_dir", str(tmp_path / "train"), "--data.batch_size", "8", *QUICK]

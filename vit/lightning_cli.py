@@ -42,13 +42,23 @@ def _lightning_main(argv: list[str]) -> int:
             # subtypes"), with the class's own error, which names the file and the problem, as the cause
             while isinstance(e.__cause__, USER_ERRORS):
                 e = e.__cause__
-            print(f"vit {argv[0]}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            message = str(e).strip().splitlines()[0]
+            print(f"vit {argv[0]}: error: {message}{LIGHTNING_HINTS.get(message, '')}", file=sys.stderr)
             return 2
         if name in ("NonFiniteTrainingError", "CheckpointWriteError"):  # a run that went wrong, not a bad command
             print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
             return 1
         raise
     return 0
+
+
+# Lightning's words for a config that asks for what this machine lacks, and what to do about it
+LIGHTNING_HINTS = {
+    "No supported gpu backend found!": (
+        " (this machine has no GPU: add --trainer.accelerator cpu, and for configs/cifar10_gpu.yaml also "
+        "--trainer.precision 32-true --model.compile false)"
+    ),
+}
 
 
 @functools.cache

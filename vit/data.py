@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
-from torchvision.datasets.folder import make_dataset
 
 from vit.cifar import CIFAR10DataModule, CIFAR100DataModule
 from vit.datamodule import VisionDataModule
 from vit.datasets import ArrayImages, FileImages, carve, class_folders
-from vit.images import IMAGE_EXTENSIONS
+from vit.images import IMAGE_EXTENSIONS, images_under
 
 __all__ = [
     "CIFAR10DataModule",
@@ -137,9 +136,15 @@ class ImageFolderDataModule(VisionDataModule):
         if unknown:
             raise ValueError(f"{folder}: class folders not in {self.train_dir}: {', '.join(unknown[:5])}")
         index = {name: i for i, name in enumerate(self.class_names)}
-        # the extensions `vit predict` finds (torchvision's list lacks .gif, .jfif, .tga ...: silently left out)
-        extensions = tuple(sorted(IMAGE_EXTENSIONS))
-        samples = make_dataset(str(folder), index, extensions=extensions, allow_empty=True)
+        # the files `vit predict` finds: its extensions (torchvision's list lacks .gif, .jfif, .tga ...) and its walk,
+        # which skips a symbolic link back to a folder above (torchvision's follows it some 40 times: each image 40
+        # times over); in torchvision's order, folder by folder, so that splits stay as they were
+        samples = [
+            (str(path), index[name])
+            for name in found
+            for path in sorted(images_under(folder / name), key=lambda p: (str(p.parent), p.name))
+        ]
         if not samples:
+            extensions = sorted(IMAGE_EXTENSIONS)
             raise ValueError(f"{folder}: no images found (expected <class>/<image> with {', '.join(extensions)})")
         return FileImages(samples)

@@ -42,12 +42,12 @@ def find_images(sources: Iterable[ImageSource]) -> list[ImageSource]:
         if source == "":  # Path('') is '.', the whole current folder
             raise ValueError(EMPTY_SOURCE)
         path = Path(source)
-        found = _images_under(path) if path.is_dir() else []
+        found = images_under(path) if path.is_dir() else []
         items.extend(found or [source])  # an empty folder stays, to be reported as one
     return items
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     """The files named like images under `folder`, sorted. Symbolic links to folders are followed, as torchvision's
     ImageFolder (so `vit test`) follows them, except one back to a folder above it (a loop): skipped, with a warning."""
     root = str(folder)

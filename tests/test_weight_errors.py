@@ -91,3 +91,20 @@ def test_a_file_that_is_no_checkpoint_at_all_says_so_without_the_unpicklers_nois
     assert str(err.value) == f"{path}: not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a " + (
         "Hugging Face folder)"
     )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(no_embed_class=True), dict(class_token=False, global_pool="avg"), dict(reg_tokens=4, no_embed_class=True)],
+)
+def test_a_checkpoint_with_other_prefix_tokens_names_them_instead_of_failing_a_reshape(tmp_path, layout):
+    # DeiT-3, GAP and register checkpoints given for a class-token model: timm's resampler raised a RuntimeError
+    from timm.models.vision_transformer import VisionTransformer
+
+    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    path = tmp_path / "other_layout.safetensors"
+    save_file(VisionTransformer(**small, **layout).state_dict(), str(path))
+    model = vit.VisionTransformer(vit.ViTConfig(**small))
+    with pytest.raises(vit.CheckpointError, match=r"other_layout\.safetensors: its pos_embed has \d+ positions") as e:
+        vit.load_pretrained(model, path)
+    assert "\n" not in str(e.value) and "class_token=True, reg_tokens=0, no_embed_class=False" in str(e.value)

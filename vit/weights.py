@@ -506,6 +506,7 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
     if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == cfg.embed_dim:
         old_grid = list(_config(checkpoint).grid_size) if checkpoint.model_config else None  # None: square
         prefix = 0 if cfg.no_embed_class else model.num_prefix_tokens
+        _check_pos_embed_layout(pos.shape[1], prefix, old_grid, state, cfg, source)
         state["pos_embed"] = resample_abs_pos_embed(pos, list(cfg.grid_size), old_grid, num_prefix_tokens=prefix)
 
     proj = state.get("patch_embed.proj.weight")
@@ -547,6 +548,31 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
     model.load_state_dict(state, strict=False)
     if checkpoint.data_config:
         model.pretrained_cfg = {**model.pretrained_cfg, **checkpoint.data_config}
+
+
+def _check_pos_embed_layout(
+    positions: int,
+    prefix: int,
+    old_grid: list[int] | None,
+    state: Mapping[str, torch.Tensor],
+    cfg: ViTConfig,
+    source: Any,
+) -> None:
+    """Before resampling: the checkpoint's position embeddings less the model's `prefix` tokens must be a grid (the
+    file's, or a square one), else the two put other tokens in them (class token, registers, no_embed_class), and
+    timm's resampler would fail on a reshape or, by chance, mix a token into the grid."""
+    patches = positions - prefix
+    grid = old_grid[0] * old_grid[1] if old_grid else round(max(patches, 0) ** 0.5) ** 2
+    if patches > 0 and patches == grid:
+        return
+    reg = state.get("reg_token")
+    theirs = f"cls_token: {'yes' if 'cls_token' in state else 'no'}, reg_token: {0 if reg is None else reg.shape[1]}"
+    ours = f"class_token={cfg.class_token}, reg_tokens={cfg.reg_tokens}, no_embed_class={cfg.no_embed_class}"
+    raise CheckpointError(
+        f"{source}: its pos_embed has {positions} positions, which are not {prefix} prefix token(s) plus a grid of "
+        f"patches: the checkpoint ({theirs}) and the model ({ours}) place the class and register tokens differently; "
+        "build the model with the checkpoint's class_token, reg_tokens and no_embed_class"
+    )
 
 
 def _shape_note(state: Mapping[str, torch.Tensor], cfg: ViTConfig) -> str:

@@ -108,8 +108,8 @@ def test_checkpoint_resamples_to_another_grid_patch_or_channels_like_timm(timm_f
 # -------------------------------------------------------------------------------------- Hugging Face
 def hf_vit(perturb, cls=transformers.ViTForImageClassification, **config):
     """A small randomly initialised Hugging Face ViT shaped like two blocks of vit_tiny at 64 px."""
-    config = dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
-                  image_size=64, patch_size=16, num_labels=4, **config)  # fmt: skip
+    config = {**dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
+                     image_size=64, patch_size=16, num_labels=4), **config}  # fmt: skip
     return perturb(cls(transformers.ViTConfig(**config))).eval()
 
 
@@ -125,6 +125,19 @@ def test_hugging_face_folder_gives_hugging_face_logits(tmp_path, perturb):
         torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-4)
         assert model.cfg.norm_eps == 1e-12
     assert checkpoint.class_names == ["cat", "dog", "eel", "fox"]
+
+
+@pytest.mark.parametrize(
+    "config", [dict(hidden_act="relu"), dict(hidden_act="silu"), dict(hidden_act="gelu_new"), dict(patch_size=[16, 16])]
+)
+def test_hugging_face_configs_ours_computes_give_hugging_face_logits(tmp_path, perturb, config):
+    hf = hf_vit(perturb, **config)
+    hf.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).logits
+    model, _ = vit.load_model(tmp_path)
+    torch.testing.assert_close(logits(model, x), expected, rtol=0, atol=1e-4)
 
 
 def test_hugging_face_vit_model_without_head_gives_its_hidden_states(tmp_path, perturb):
@@ -400,7 +413,9 @@ def test_an_image_renamed_ckpt_is_not_called_malicious(tmp_path):
         ("[1, 2]", r"not a JSON object"),
         ('{"model_type": "vit"}', r"missing keys 'hidden_size', 'num_hidden_layers'"),
         ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768, '
-         '"hidden_act": "relu"}', r"unsupported Hugging Face hidden_act 'relu'"),
+         '"hidden_act": "elu"}', r"unsupported Hugging Face hidden_act 'elu'"),
+        ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768, '
+         '"patch_size": [16, 8]}', r"patch_size \[16, 8\] is not square"),
         ('{"hidden_size": "wide", "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 768}',
          r"not a valid ViT config"),
         ('{"hidden_size": 192, "num_hidden_layers": 2, "num_attention_heads": 5, "intermediate_size": 768}',

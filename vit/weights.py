@@ -38,6 +38,9 @@ HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # by PIL's ints
 # Hugging Face model types that are a plain ViT under their own name (MAE and MSN encoders are ViTModel's weights)
@@ -260,10 +263,15 @@ def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0, source: An
         )
     if missing := [k for k in HF_REQUIRED if k not in config]:
         raise CheckpointError(f"{source}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    patch = config.get("patch_size", 16)
+    if isinstance(patch, list) and len(set(patch)) == 1:  # [16, 16]: a square patch written as a pair
+        patch = patch[0]
+    if isinstance(patch, list):
+        raise CheckpointError(f"{source}: patch_size {patch} is not square, and vit's patches are square")
     try:
         return ViTConfig(
             img_size=config.get("image_size", 224),
-            patch_size=config.get("patch_size", 16),
+            patch_size=patch,
             in_chans=config.get("num_channels", 3),
             num_classes=num_classes,
             embed_dim=config["hidden_size"],

@@ -38,6 +38,51 @@ def timm_file(tmp_path, tiny_pair) -> tuple[torch.nn.Module, Path]:
     return reference, path
 
 
+# ------------------------------------------------------------------------- timm architectures by name
+# timm ViTs without a variant of ours, each with flags no key of the state dict reveals (eps, activation, pooling,
+# where the position embeddings start), cut to one block: ours builds them from timm's own config.
+TIMM_ARCHITECTURES = [
+    "deit3_small_patch16_224",  # no_embed_class, LayerScale
+    "vit_small_patch14_reg4_dinov2",  # register tokens, 518 px
+    "vit_base_patch16_clip_quickgelu_224",  # pre_norm, eps 1e-5, quick_gelu
+    "vit_base_patch32_siglip_gap_256",  # no class token, average pooling without fc_norm, gelu_tanh
+    "vit_medium_patch16_gap_256",  # qkv_bias=False
+    "eva_large_patch14_196",  # average pooling with fc_norm
+]
+
+
+@pytest.mark.parametrize("name", TIMM_ARCHITECTURES)
+def test_timm_architectures_load_by_timms_name_with_timms_logits(tmp_path, perturb, batch_for, name):
+    reference = perturb(timm.create_model(name, depth=1)).eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_file(reference.state_dict(), str(path))
+    model = vit.create_model(name, pretrained=path, depth=1)
+    x = batch_for(reference, batch=1)
+    torch.testing.assert_close(logits(model, x), logits(reference, x), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "name, feature",
+    [
+        ("vit_base_patch16_siglip_224", "attention pooling (global_pool='map')"),
+        ("vit_base_patch16_xp_224", "ParallelScalingBlock blocks"),
+        ("vit_small_patch14_dinov2", None),  # computes as ours: no error
+        ("vit_giant_patch14_dinov2", "GluMlp layer"),
+        ("vit_base_r50_s16_224", "HybridEmbed patch embedding"),
+        ("vit_large_patch16_radio_v3", "no final norm (final_norm=False)"),
+        ("deit_tiny_distilled_patch16_224", "VisionTransformerDistilled class"),
+        ("eva02_tiny_patch14_224", "the Eva class"),
+    ],
+)
+def test_timm_architectures_ours_does_not_compute_are_refused_naming_the_feature(name, feature):
+    if feature is None:
+        assert vit.model_config(name).init_values
+        return
+    with pytest.raises(vit.CheckpointError, match=rf"^{name}: timm's model uses .*{re.escape(feature)}") as err:
+        vit.model_config(name)
+    assert "\n" not in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------- timm files
 @pytest.mark.parametrize("prefix", ["", "module.", "model."])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -510,14 +555,18 @@ PROXY_VARIABLES = [v for name in ("https_proxy", "http_proxy", "all_proxy") for 
 def hub_cache(tmp_path, monkeypatch, perturb) -> torch.nn.Module:
     """A fake Hugging Face cache holding random weights for TAG (loading them proves the tag went through the
     hub code); returns the timm model whose weights they are."""
+    return cache_timm_weights(tmp_path, monkeypatch, TAG, perturb(timm.create_model(NAME)).eval())
+
+
+def cache_timm_weights(tmp_path: Path, monkeypatch, tag: str, reference: torch.nn.Module) -> torch.nn.Module:
+    """Put `reference`'s weights in a fake Hugging Face cache as timm's weights for `tag`."""
     import huggingface_hub.constants as hub
 
     cache = tmp_path / "hf" / "hub"
-    repo = cache / f"models--timm--{TAG}"
+    repo = cache / f"models--timm--{tag}"
     (repo / "snapshots" / "0123abc").mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abc")
-    reference = perturb(timm.create_model(NAME)).eval()
     save_file(reference.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
     for var, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", cache)):
         monkeypatch.setenv(var, str(value))
@@ -554,6 +603,22 @@ def test_timm_hub_tag_loads_through_timms_hub_code_offline(monkeypatch, hub_cach
     assert len(checkpoint.class_names) == 1000 and checkpoint.data_config["input_size"] == (3, 224, 224)
     with pytest.raises(vit.CheckpointError, match=r"^vit_tiny_patch16_384\.augreg_in21k_ft_in1k: could not fetch"):
         vit.read_checkpoint("timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k")  # not in the cache, and offline
+
+
+def test_timm_tag_of_an_architecture_without_a_variant_of_ours_loads_with_timms_config(
+    tmp_path, monkeypatch, perturb, batch_for
+):
+    # DeiT: no variant of ours is named so (was: "the file carries no model config; name its variant with --model")
+    import huggingface_hub.constants as hub
+
+    tag = "deit_tiny_patch16_224.fb_in1k"
+    reference = cache_timm_weights(tmp_path, monkeypatch, tag, perturb(timm.create_model(tag)).eval())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model, checkpoint = vit.load_model(tag)
+    assert model.cfg.embed_dim == 192 and checkpoint.data_config["mean"] != (0.5,) * 3  # DeiT's: ImageNet's mean
+    x = batch_for(model, batch=1)
+    torch.testing.assert_close(logits(model, x), logits(reference, x), rtol=0, atol=TOL)
 
 
 def test_cached_timm_weights_load_without_a_request_when_the_hub_is_unreachable(

@@ -97,7 +97,8 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         metavar="NAME",
-        help="the variant (see `vit models`) of a weights file that carries no model config, e.g. a timm state dict",
+        help="the variant (see `vit models`) or timm ViT name of a weights file that carries no model config, e.g. a "
+        "timm state dict",
     )
 
 

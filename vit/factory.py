@@ -66,8 +66,15 @@ def timm_tags(name: str) -> list[str]:
 
 
 def model_config(name: str, **overrides: Any) -> ViTConfig:
-    """The `ViTConfig` of a named variant (a timm tag suffix such as `.augreg_in21k` is ignored)."""
+    """The `ViTConfig` of a named variant, or of any timm ViT architecture whose network ours computes (a timm tag
+    suffix such as `.augreg_in21k` is ignored)."""
+    import timm
+
+    from vit.timm_config import timm_model_config
+
     arch = name.split(".", 1)[0]
+    if arch not in VARIANTS and timm.is_model(arch) and (config := timm_model_config(arch, **overrides)):
+        return config
     if arch not in VARIANTS:
         close = difflib.get_close_matches(arch, VARIANTS, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -361,6 +361,7 @@ def _read_timm_hub(tag: str) -> Checkpoint:
 
     from vit.factory import VARIANTS, timm_tags
     from vit.hub import hub_offline, hub_unreachable
+    from vit.timm_config import config_from_timm
 
     tag = tag.removeprefix("timm/")
     arch = tag.split(".", 1)[0]
@@ -387,10 +388,10 @@ def _read_timm_hub(tag: str) -> Checkpoint:
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None
     state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
+    config = config_from_timm(reference, tag)  # refuses one whose network ours does not compute
     subset = infer_imagenet_subset(reference)
     names = ImageNetInfo(subset).label_descriptions(as_dict=False) if subset else None
-    config = {**VARIANTS[arch], "num_classes": reference.num_classes} if arch in VARIANTS else None
-    return Checkpoint(state, tag, config and ViTConfig(**config).to_dict(), names, resolve_data_config(model=reference))
+    return Checkpoint(state, tag, config, names, resolve_data_config(model=reference))
 
 
 def _download(url: str) -> Path:

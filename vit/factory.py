@@ -8,7 +8,7 @@ import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vit.model import VisionTransformer, ViTConfig
+from vit.model import VisionTransformer, ViTConfig, default_data_config
 
 if TYPE_CHECKING:  # vit.weights imports this module
     from vit.weights import Checkpoint
@@ -82,6 +82,14 @@ def model_config(name: str, **overrides: Any) -> ViTConfig:
     return ViTConfig.from_dict({**VARIANTS[arch], **overrides})
 
 
+def named_data_config(name: str, cfg: ViTConfig) -> dict[str, Any]:
+    """The preprocessing of a model built by name, at `cfg`'s input size: timm's for a name timm knows (mean, std,
+    crop and resampling of the tag's pretrained config, else of timm's default tag), ours for variants of our own."""
+    from vit.timm_config import timm_data_config
+
+    return timm_data_config(name, cfg) or default_data_config(cfg)
+
+
 def create_model(
     name: str,
     *,
@@ -90,7 +98,8 @@ def create_model(
     img_size: int | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> VisionTransformer:
-    """Build a named variant, optionally with weights.
+    """Build a named variant, optionally with weights; its preprocessing (`pretrained_cfg`) is the checkpoint's,
+    else `named_data_config(name)`.
 
     `pretrained` is True (the timm tag in `name`, or timm's default tag), a timm tag, a local checkpoint
     path in any format `vit.load_pretrained` reads, or a `Checkpoint` already read. With `num_classes=None` a
@@ -102,11 +111,11 @@ def create_model(
         overrides["num_classes"] = num_classes
     if img_size is not None:
         overrides["img_size"] = img_size
-    if not pretrained:
-        return VisionTransformer(model_config(name, **overrides))
-    checkpoint = read_checkpoint(name if pretrained is True else pretrained)
-    if num_classes is None:
+    checkpoint = read_checkpoint(name if pretrained is True else pretrained) if pretrained else None
+    if checkpoint is not None and num_classes is None:
         overrides["num_classes"] = checkpoint.num_classes
     model = VisionTransformer(model_config(name, **overrides))
-    transfer_weights(model, checkpoint)
+    model.pretrained_cfg = named_data_config(name, model.cfg)
+    if checkpoint is not None:
+        transfer_weights(model, checkpoint)  # a checkpoint's own preprocessing wins
     return model

@@ -1,5 +1,6 @@
 """A `ViTConfig` read off a timm `VisionTransformer`, so that any timm ViT name or tag whose network ours computes
-builds and loads without a variant of our own (`deit3_*`, `*_dinov2`, `*_clip_*`, `*_siglip_gap_*`, ...).
+builds and loads without a variant of our own (`deit3_*`, `*_dinov2`, `*_clip_*`, `*_siglip_gap_*`, ...), and
+timm's preprocessing for such a name.
 
 What ours would compute differently (attention pooling, RMSNorm, SwiGLU, parallel blocks, hybrid stems...) is
 refused in one line that names it: those keys may even load, but the logits would not be timm's.
@@ -112,3 +113,29 @@ def timm_model_config(name: str, **overrides: Any) -> ViTConfig | None:
     if not hasattr(reference, "patch_embed"):
         return None
     return ViTConfig.from_dict({**config_from_timm(reference, name), **overrides})
+
+
+def timm_data_config(name: str, cfg: ViTConfig) -> dict[str, Any] | None:
+    """timm's preprocessing for a timm name (its tag's pretrained config, else timm's default tag's) at `cfg`'s
+    input size, as timm's `resolve_data_config` gives it; None for a name timm does not know."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    try:
+        pretrained = get_pretrained_cfg(name)
+    except RuntimeError:  # a tag timm does not have (the model builds, since model_config ignores tags)
+        pretrained = get_pretrained_cfg(name.split(".", 1)[0])
+    if pretrained is None:  # not a timm name, or a timm architecture without any pretrained config
+        return None
+    config = resolve_data_config(pretrained_cfg=pretrained.to_dict())
+    return {**config, **fit_channels(config, cfg.in_chans), "input_size": (cfg.in_chans, *cfg.img_hw)}
+
+
+def fit_channels(config: dict[str, Any], in_chans: int) -> dict[str, tuple[float, ...]]:
+    """`mean` and `std` for `in_chans` channels: an RGB model's average serves a grey one (timm would hand three
+    values to a one-channel Normalize, which fails)."""
+    out = {}
+    for key in ("mean", "std"):
+        values = tuple(config[key])
+        out[key] = values if len(values) == in_chans else (sum(values) / len(values),) * in_chans
+    return out

@@ -611,6 +611,10 @@ def load_model(source: str | Path, model_name: str | None = None) -> tuple[Visio
     timm tags), else the variant `model_name` (a plain state dict, e.g. timm's)."""
     checkpoint = read_checkpoint(source)
     model = VisionTransformer(_config(checkpoint, model_name))
+    if checkpoint.model_config is None:  # plain weights: the name's preprocessing (timm's for a timm name)
+        from vit.factory import named_data_config
+
+        model.pretrained_cfg = named_data_config(model_name, model.cfg)
     transfer_weights(model, checkpoint)
     return model, checkpoint
 

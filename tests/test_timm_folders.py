@@ -1,8 +1,11 @@
-"""A timm name builds with timm's preprocessing for it (timm itself is the oracle)."""
+"""timm users' two ways in: a timm name builds with timm's preprocessing for it, and a timm model folder (as timm's
+`save_for_hf` / `push_to_hf_hub` write it, or a Hub download) loads; timm itself is the oracle for both."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,8 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.models._hub import save_for_hf
 
 import vit
 from vit.cli import main
@@ -93,3 +97,97 @@ def test_a_checkpoints_own_preprocessing_wins_over_the_names(tmp_path):
     path = vit.save_safetensors(model, tmp_path / "m.safetensors", data_config={**model.pretrained_cfg, **custom})
     loaded = vit.create_model("deit3_small_patch16_224", pretrained=path, depth=1)
     assert {k: loaded.pretrained_cfg[k] for k in custom} == custom
+
+
+# ------------------------------------------------------------------------------------------ timm folders
+LABELS = ["n01", "n02", "n03", "n04", "n05"]
+DESCRIPTIONS = {"n01": "tench", "n02": "goldfish", "n03": "shark", "n04": "ray", "n05": "cock"}
+
+
+def timm_folder(folder: Path, perturb, layout: str = "safetensors") -> torch.nn.Module:
+    """A small random timm ViT written by timm's own `save_for_hf` (model_args carry depth and img_size)."""
+    reference = timm.create_model("deit3_small_patch16_224", pretrained=False, depth=2, img_size=64, num_classes=5)
+    labels = {"label_names": LABELS, "label_descriptions": DESCRIPTIONS}
+    save_for_hf(perturb(reference).eval(), folder, safe_serialization=layout != "bin", model_config=labels)
+    return reference
+
+
+def hub_snapshot(folder: Path, root: Path) -> Path:
+    """`folder` laid out as the Hugging Face cache keeps a download: snapshot files are links into blobs/."""
+    repo = root / "models--timm--deit3_small_patch16_224.fb_in1k"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(folder.iterdir())):
+        shutil.copy(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    return snapshot
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "hub_cache"])
+def test_timm_folder_loads_with_timms_logits_preprocessing_and_labels(tmp_path, perturb, layout):
+    folder = tmp_path / "vit_s"
+    timm_folder(folder, perturb, layout)
+    if layout == "hub_cache":
+        folder = hub_snapshot(folder, tmp_path / "hub")
+    reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm's own reader of the folder
+    model, checkpoint = vit.load_model(folder)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+    assert checkpoint.class_names == [DESCRIPTIONS[n] for n in LABELS]
+    predictor = Predictor.from_checkpoint(folder, num_workers=0)
+    expected = resolve_data_config(model=reference)
+    assert plain(predictor.data_config) == plain(expected) and expected["mean"][0] != 0.5  # DeiT-3's: ImageNet's
+    same_input(expected, predictor, photo(tmp_path / "x.png"))
+
+
+def test_vit_predict_reads_a_timm_folder_and_an_older_flat_config(tmp_path, capsys, perturb):
+    folder = tmp_path / "vit_s"
+    timm_folder(folder, perturb)
+    image = photo(tmp_path / "x.png")
+    assert main(["predict", str(image), "-c", str(folder), "--format", "json"]) == 0
+    assert {p["label"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]} == set(DESCRIPTIONS.values())
+    # Older timm wrote one flat dict, the pretrained config with the architecture in it, and no model_args (nor
+    # label names: an ImageNet head gets ImageNet's, as from timm's inference script and from a timm tag).
+    flat = tmp_path / "flat"
+    reference = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False)).eval()
+    save_for_hf(reference, flat, safe_serialization=True)
+    config = json.loads((flat / "config.json").read_text())
+    (flat / "config.json").write_text(json.dumps({"architecture": config["architecture"], **config["pretrained_cfg"]}))
+    model, checkpoint = vit.load_model(flat)
+    assert checkpoint.class_names == ImageNetInfo("imagenet-1k").label_descriptions(as_dict=False)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            {"architecture": "resnet18", "model_args": {"num_classes": 5}},
+            r"config\.json \(resnet18\): timm's model uses the ResNet class",
+        ),
+        ({"architecture": "no_such_net"}, r"config\.json: architecture 'no_such_net' is not a model timm .* knows"),
+        ({"model_args": {"depth": 2, "img_size": 64, "no_such_arg": 1}}, r"config\.json: timm cannot build"),
+        ({"model_args": [2]}, r"config\.json: model_args is not a JSON object"),
+        ({"label_names": ["a", "b"]}, r"config\.json: label_names is not a list of 5 names"),
+        ({"pretrained_cfg": {"mean": "grey"}}, r"config\.json: mean 'grey' is not 3 numbers"),
+    ],
+)
+def test_broken_timm_folder_is_one_line_naming_the_problem(tmp_path, perturb, edit, problem):
+    timm_folder(tmp_path, perturb)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(vit.CheckpointError) as err:
+        vit.read_checkpoint(tmp_path)
+    assert re.match(re.escape(str(tmp_path)) + "/" + problem, str(err.value)), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_timm_folder_without_weights_says_what_it_needs(tmp_path, perturb):
+    timm_folder(tmp_path, perturb)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(vit.CheckpointError, match=r"a timm model folder needs model\.safetensors or pytorch_model"):
+        vit.read_checkpoint(tmp_path)

@@ -136,7 +136,7 @@ class Predictor:
         model_name: str | None = None,
     ) -> Predictor:
         """A predictor from anything `vit.load_model` reads: a `vit fit` .ckpt, our .safetensors, a Hugging
-        Face folder, a timm tag (when online), or plain weights of the variant `model_name`; class names and
+        Face or timm folder, a timm tag (when online), or plain weights of the variant `model_name`; class names and
         preprocessing come from the checkpoint."""
         from vit.weights import load_model
 

@@ -115,6 +115,24 @@ def timm_model_config(name: str, **overrides: Any) -> ViTConfig | None:
     return ViTConfig.from_dict({**config_from_timm(reference, name), **overrides})
 
 
+def timm_arch_config(architecture: Any, model_args: dict[str, Any], source: Any) -> dict[str, Any]:
+    """The `ViTConfig` (as plain values) of timm's `architecture` built with timm's constructor arguments
+    `model_args` (as a timm folder's config.json holds them), or a one-line `CheckpointError` naming `source`."""
+    import timm
+
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise CheckpointError(f"{source}: architecture {architecture!r} is not a model timm {timm.__version__} knows")
+    try:
+        with torch.device("meta"):
+            reference = timm.create_model(architecture, pretrained=False, **model_args)
+    except Exception as e:  # an argument this timm does not take, or a value it refuses
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{source}: timm cannot build {architecture} with its model_args ({type(e).__name__}: {reason})"
+        ) from None
+    return config_from_timm(reference, f"{source} ({architecture})")  # refuses a ResNet as well as a SigLIP
+
+
 def timm_data_config(name: str, cfg: ViTConfig) -> dict[str, Any] | None:
     """timm's preprocessing for a timm name (its tag's pretrained config, else timm's default tag's) at `cfg`'s
     input size, as timm's `resolve_data_config` gives it; None for a name timm does not know."""

@@ -218,13 +218,18 @@ def _read_torch(path: Path) -> Checkpoint:
 
 
 def _read_hf_folder(path: Path) -> Checkpoint:
-    """A Hugging Face `save_pretrained` folder: config.json plus model.safetensors or pytorch_model.bin."""
+    """A Hugging Face `save_pretrained` folder, or a timm one (`save_for_hf`, a Hub download): config.json plus
+    model.safetensors or pytorch_model.bin."""
     config_file = path / "config.json"
     weight_files = [path / "model.safetensors", path / "pytorch_model.bin"]
     weights = next((f for f in weight_files if f.is_file()), None)
-    if weights is None or not config_file.is_file():
+    if not config_file.is_file():
         raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
     config = _read_json(config_file)
+    if "architecture" in config and "model_type" not in config:  # timm's config.json; transformers' has model_type
+        return _read_timm_folder(path, config, weights)
+    if weights is None:
+        raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
     model_type = config.get("model_type", "vit")
     if model_type not in HF_VIT_TYPES:  # DINOv2, DeiT, BEiT...: their keys or config would fail on less clear terms
         raise CheckpointError(
@@ -242,6 +247,58 @@ def _read_hf_folder(path: Path) -> Checkpoint:
         labels = {str(k): v for k, v in config["id2label"].items()}
         checkpoint.class_names = [labels.get(str(i), str(i)) for i in range(checkpoint.num_classes)]
     return checkpoint
+
+
+def _read_timm_folder(path: Path, config: dict[str, Any], weights: Path | None) -> Checkpoint:
+    """A timm model folder (`timm.models.push_to_hf_hub` or `save_for_hf`; a Hub download or cache snapshot): the
+    architecture, its constructor arguments (`model_args`), labels and preprocessing (`pretrained_cfg`) in
+    config.json, the weights in timm's keys."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+
+    from vit.timm_config import fit_channels, timm_arch_config
+
+    config_file = path / "config.json"
+    if weights is None:
+        raise CheckpointError(f"{path}: a timm model folder needs model.safetensors or pytorch_model.bin")
+    # Older timm wrote one flat dict: the pretrained config with the architecture in it.
+    pretrained = config.get("pretrained_cfg", {k: v for k, v in config.items() if k != "architecture"})
+    model_args = config.get("model_args") or {}
+    for key, value in (("pretrained_cfg", pretrained), ("model_args", model_args)):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{config_file}: {key} is not a JSON object (found {type(value).__name__})")
+    model_config = timm_arch_config(config["architecture"], model_args, config_file)  # before the weights: a
+    # ResNet's are 'no ViT weights found', where its architecture says what it is
+    checkpoint = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
+    checkpoint.source = str(path)
+    cfg = ViTConfig(**{**model_config, "num_classes": checkpoint.num_classes})  # the head's, as for HF folders
+    checkpoint.model_config = cfg.to_dict()
+    data = resolve_data_config(pretrained_cfg={k: v for k, v in pretrained.items() if v is not None})
+    for key in ("mean", "std"):
+        values = list(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
+        n = len(values) if isinstance(values, list) and values else cfg.in_chans
+        data[key] = tuple(_numbers(values, n, key, config_file))
+    if not cfg.dynamic_img_size:  # timm builds a fixed-size model at model_args' img_size, its input size too
+        data["input_size"] = (cfg.in_chans, *cfg.img_hw)
+    checkpoint.data_config = {**data, **fit_channels(data, cfg.in_chans)}
+    checkpoint.class_names = _timm_labels(config, pretrained, checkpoint.num_classes, config_file)
+    if checkpoint.class_names is None and (subset := infer_imagenet_subset({"num_classes": checkpoint.num_classes})):
+        checkpoint.class_names = ImageNetInfo(subset).label_descriptions(as_dict=False)  # as timm's inference does
+    return checkpoint
+
+
+def _timm_labels(config: Mapping[str, Any], pretrained: Mapping[str, Any], n: int, source: Any) -> list[str] | None:
+    """A timm config's class names: `label_names` (a list, or {index: name}), each replaced by its entry in
+    `label_descriptions` when there is one ('tench' for 'n01440764')."""
+    names = config.get("label_names", pretrained.get("label_names", pretrained.get("labels")))
+    if not names or not n:
+        return None
+    if isinstance(names, Mapping):
+        names = {str(k): v for k, v in names.items()}
+        names = [names.get(str(i), str(i)) for i in range(n)]
+    if not isinstance(names, list) or len(names) != n or not all(isinstance(v, str) for v in names):
+        raise CheckpointError(f"{source}: label_names is not a list of {n} names (one for each class of the head)")
+    descriptions = config.get("label_descriptions", pretrained.get("label_descriptions")) or {}
+    return [descriptions.get(v, v) if isinstance(descriptions, Mapping) else v for v in names]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -607,8 +664,8 @@ def load_pretrained(
 
 
 def load_model(source: str | Path, model_name: str | None = None) -> tuple[VisionTransformer, Checkpoint]:
-    """Build the model a checkpoint describes and load it: its own config (.ckpt, our .safetensors, HF folders,
-    timm tags), else the variant `model_name` (a plain state dict, e.g. timm's)."""
+    """Build the model a checkpoint describes and load it: its own config (.ckpt, our .safetensors, HF and timm
+    folders, timm tags), else the variant `model_name` (a plain state dict, e.g. timm's)."""
     checkpoint = read_checkpoint(source)
     model = VisionTransformer(_config(checkpoint, model_name))
     if checkpoint.model_config is None:  # plain weights: the name's preprocessing (timm's for a timm name)

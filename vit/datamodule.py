@@ -26,6 +26,7 @@ from vit.datasets import (
 )
 from vit.images import decode_size
 from vit.lightning_notes import silence_lightning_notes
+from vit.model import fit_channels
 
 silence_lightning_notes()  # before any Trainer, for notebooks and scripts as for `vit fit` (vit.module too)
 
@@ -42,11 +43,8 @@ def plain_data_config(config: dict[str, Any]) -> dict[str, Any]:
     """timm's data config with lists instead of tuples and only the keys `create_transform` needs."""
     out = {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
     out["input_size"] = [int(v) for v in out["input_size"]]
-    channels = out["input_size"][0]
-    for key in ("mean", "std"):
-        values = [float(v) for v in out[key]]
-        # timm's defaults are RGB; a grey model without its own statistics gets their average
-        out[key] = values if len(values) == channels else [sum(values) / len(values)] * channels
+    for key, values in fit_channels(out, out["input_size"][0]).items():  # timm's RGB defaults serve a grey model
+        out[key] = [float(v) for v in values]
     out["crop_pct"] = float(out["crop_pct"])
     return out
 

@@ -420,6 +420,16 @@ def default_data_config(cfg: ViTConfig) -> dict[str, Any]:
     }
 
 
+def fit_channels(config: dict[str, Any], in_chans: int) -> dict[str, tuple[float, ...]]:
+    """`mean` and `std` for `in_chans` channels: an RGB model's average serves a grey one (timm would hand three
+    values to a one-channel Normalize, which fails)."""
+    out = {}
+    for key in ("mean", "std"):
+        values = tuple(config[key])
+        out[key] = values if len(values) == in_chans else (sum(values) / len(values),) * in_chans
+    return out
+
+
 def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
     if indices is None:
         return list(range(depth))

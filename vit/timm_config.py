@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.model import ACTIVATIONS, POOLS, ViTConfig
+from vit.model import ACTIVATIONS, POOLS, ViTConfig, fit_channels
 from vit.weights import CheckpointError
 
 
@@ -147,13 +147,3 @@ def timm_data_config(name: str, cfg: ViTConfig) -> dict[str, Any] | None:
         return None
     config = resolve_data_config(pretrained_cfg=pretrained.to_dict())
     return {**config, **fit_channels(config, cfg.in_chans), "input_size": (cfg.in_chans, *cfg.img_hw)}
-
-
-def fit_channels(config: dict[str, Any], in_chans: int) -> dict[str, tuple[float, ...]]:
-    """`mean` and `std` for `in_chans` channels: an RGB model's average serves a grey one (timm would hand three
-    values to a one-channel Normalize, which fails)."""
-    out = {}
-    for key in ("mean", "std"):
-        values = tuple(config[key])
-        out[key] = values if len(values) == in_chans else (sum(values) / len(values),) * in_chans
-    return out

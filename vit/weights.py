@@ -28,7 +28,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
 from torch import nn
 
-from vit.model import VisionTransformer, ViTConfig
+from vit.model import VisionTransformer, ViTConfig, fit_channels
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt", ".onnx")
 TIMM_ANCHOR = "patch_embed.proj.weight"
@@ -255,7 +255,7 @@ def _read_timm_folder(path: Path, config: dict[str, Any], weights: Path | None) 
     config.json, the weights in timm's keys."""
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
-    from vit.timm_config import fit_channels, timm_arch_config
+    from vit.timm_config import timm_arch_config
 
     config_file = path / "config.json"
     if weights is None:

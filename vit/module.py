@@ -22,12 +22,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from vit.checkpoint_files import CheckpointError, short_list
 from vit.datamodule import plain_data_config
 from vit.factory import create_model
 from vit.flops import counting_cpu_attention
 from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
-from vit.weights import CheckpointError, _short_list, read_checkpoint, transfer_weights
+from vit.weights import read_checkpoint, transfer_weights
 
 TRAINABLE_WHEN_FROZEN = ("head.", "fc_norm.")  # a frozen backbone still trains the classifier
 
@@ -283,7 +284,7 @@ class ViTClassifier(L.LightningModule):
             self.model.reset_classifier(len(names))
             rank_zero_info(
                 f"vit: a new {len(names)}-class head: {self.hparams.pretrained} was trained on other classes "
-                f"({_short_list(list(source), 5)})"
+                f"({short_list(list(source), 5)})"
             )
         self._prepare_training_parts()
 
@@ -431,6 +432,6 @@ class ViTClassifier(L.LightningModule):
 def other_classes(checkpoint: str, saved: list[str], names: list[str]) -> str:
     """The error for resuming, validating or testing a checkpoint on data of other classes."""
     return (
-        f"{checkpoint} was trained on the classes {_short_list(list(saved), 5)}, but the data has "
-        f"{_short_list(list(names), 5)}: its outputs would be scored against other labels"
+        f"{checkpoint} was trained on the classes {short_list(list(saved), 5)}, but the data has "
+        f"{short_list(list(names), 5)}: its outputs would be scored against other labels"
     )

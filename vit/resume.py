@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vit.weights import atomic_write
+from vit.checkpoint_files import atomic_write
 
 CHECKPOINT_KEY = "rng_states"
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vit import precision
-from vit.weights import _torch_load
+from vit.checkpoint_files import torch_load
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -30,7 +30,7 @@ def check_checkpoint(path: Any) -> Any:
     'hpc', 'registry') and None pass through (None returned). Returns the loaded checkpoint."""
     if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
         return None  # Lightning resolves the keywords itself, to files we wrote, and reports missing files
-    return _torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle
+    return torch_load(Path(path))  # weights_only=True: raises CheckpointError, never runs the pickle
 
 
 class StopOnNonFiniteLoss(Callback):

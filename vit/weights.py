@@ -2,22 +2,18 @@
 
 Files are read only through safetensors, numpy without pickle, or `torch.load(weights_only=True)`, so a
 checkpoint can never run code. Every format is converted to timm's key names, then adapted to the model
-(position and patch embeddings resampled, input channels adapted, a differing head reset) and loaded.
+(position and patch embeddings resampled, input channels adapted, a differing head reset) and loaded. The file
+access underneath is `vit.checkpoint_files`; Hugging Face and JAX layouts are converted by `vit.conversions`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import pickle
 import re
-import secrets
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,73 +24,42 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models import adapt_input_conv
 from torch import nn
 
+from vit.checkpoint_files import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write,
+    download,
+    read_json,
+    short_list,
+    torch_load,
+)
+from vit.conversions import (
+    HF_VIT_TYPES,
+    TIMM_ANCHOR,
+    config_numbers,
+    convert_hf_state_dict,
+    convert_jax_npz,
+    hf_config_to_vit,
+    hf_preprocessing,
+    to_timm_keys,
+)
 from vit.model import VisionTransformer, ViTConfig, fit_channels
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt", ".onnx")
-TIMM_ANCHOR = "patch_embed.proj.weight"
-HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
-HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
-PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # by PIL's ints
-# Hugging Face model types that are a plain ViT under their own name (MAE and MSN encoders are ViTModel's weights)
-HF_VIT_TYPES = ("vit", "vit_mae", "vit_msn")
-HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")  # no defaults
-# Hugging Face ViT names -> timm names, for files (transformers 4 layout, which 5 still writes) and for
-# transformers 5 in-memory state dicts (`layers.N.attention.q_proj`, `o_proj`, `mlp.fc1`). Order matters.
-HF_RENAMES = [
-    (r"^embeddings\.cls_token$", "cls_token"),
-    (r"^embeddings\.position_embeddings$", "pos_embed"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
-    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."),
-    (r"\.output\.dense\.", ".mlp.fc2."),
-    (r"^layernorm\.", "norm."),
-    (r"^classifier\.", "head."),
+__all__ = [  # the public API of weights, wherever each piece lives
+    "Checkpoint",
+    "CheckpointError",
+    "atomic_write",
+    "convert_hf_state_dict",
+    "convert_jax_npz",
+    "hf_config_to_vit",
+    "load_model",
+    "load_pretrained",
+    "read_checkpoint",
+    "save_safetensors",
+    "transfer_weights",
 ]
-HF_QKV = re.compile(  # query/key/value (files) or q_proj/k_proj/v_proj (transformers 5)
-    r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?([qkv])(?:uery|ey|alue|_proj)\.(\w+)"
-)
-QKV = ("query", "key", "value")
-HF_DROPPED = re.compile(r"^(pooler\.|embeddings\.mask_token)")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
-
-
-@dataclass
-class Checkpoint:
-    """Weights in timm's key names, plus what the file says about the model that made them."""
-
-    state_dict: dict[str, torch.Tensor]
-    source: str
-    model_config: dict[str, Any] | None = None
-    class_names: list[str] | None = None
-    data_config: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        head = self.state_dict.get("head.weight")
-        return 0 if head is None else head.shape[0]
-
-    def __repr__(self) -> str:  # the dataclass's would print every tensor
-        names = self.class_names
-        classes = None if names is None else f"[{_short_list(names)}]"
-        return (
-            f"Checkpoint(source={self.source!r}, {len(self.state_dict)} tensors, num_classes={self.num_classes}, "
-            f"class_names={classes}, model_config={self.model_config}, data_config={self.data_config})"
-        )
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".ckpt", ".onnx")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -104,10 +69,10 @@ def read_checkpoint(source: str | Path | Mapping[str, Any] | Checkpoint) -> Chec
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, Mapping):
-        return Checkpoint(_to_timm_keys(dict(source), "<state dict>"), "<state dict>")
+        return Checkpoint(to_timm_keys(dict(source), "<state dict>"), "<state dict>")
     text = str(source)
     if urlparse(text).scheme in ("http", "https", "file"):
-        return read_checkpoint(_download(text))
+        return read_checkpoint(download(text))
     path = Path(text).expanduser()
     if path.is_dir():
         return _read_hf_folder(path)
@@ -136,68 +101,12 @@ def _read_safetensors(path: Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     info = {k: json.loads(meta[k]) for k in ("model_config", "class_names", "data_config") if k in meta}
-    return Checkpoint(_to_timm_keys(state, path), str(path), **info)
-
-
-NOT_A_CHECKPOINT = "not a readable PyTorch checkpoint (nor a .safetensors or .npz file, nor a Hugging Face folder)"
-
-
-def _torch_load(path: Path) -> Any:
-    _check_zip_checksums(path)
-    try:
-        with warnings.catch_warnings():  # junk bytes read as "protocol 132": torch's note adds nothing to our error
-            warnings.filterwarnings("ignore", "Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.S)
-        reason = " ".join((found.group(1) if found else str(e)).split())[:200]
-        if not _looks_pickled(path):  # an image renamed .ckpt, say: no attack, just the wrong file (and the
-            # unpickler's reason, e.g. 'Unsupported operand 8', says nothing to the user)
-            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled objects other than plain weights, which could run "
-            f"code ({reason})"
-        ) from None
-    except Exception as e:  # the weights-only unpickler trips over junk with IndexError, KeyError, struct.error...
-        if not _looks_pickled(path):  # a text file, say: the unpickler's 'KeyError: 101' says nothing to the user
-            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-
-
-def _check_zip_checksums(path: Path) -> None:
-    """A `torch.save` file is a zip whose members carry CRC-32 checksums, which `torch.load` does not verify: a
-    damaged byte (a bad disk, an interrupted copy) would load as a wrong weight. Check them (a third of the load's
-    time); a cut-off file fails here too, in words rather than miniz's."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return  # torch's legacy pickle format, or not a checkpoint: torch.load says what it is
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: a PyTorch checkpoint that is cut short or damaged (its zip archive does not open: {e}): copy "
-            "or save it again"
-        ) from None
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path}: damaged checkpoint: {damaged} does not match its CRC-32 checksum (the file changed after it "
-            "was written)"
-        )
-
-
-def _looks_pickled(path: Path) -> bool:
-    """A torch.save zip, or a raw pickle (protocol 2+ opens with 0x80)."""
-    with open(path, "rb") as f:
-        first = f.read(1)
-    return first == b"\x80" or zipfile.is_zipfile(path)
+    return Checkpoint(to_timm_keys(state, path), str(path), **info)
 
 
 def _read_torch(path: Path) -> Checkpoint:
     """.pth/.bin/.pt state dicts (timm or HF keys) and Lightning .ckpt files written by `vit fit`."""
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     meta = obj.get("vit") if isinstance(obj.get("vit"), Mapping) else {}
@@ -206,7 +115,7 @@ def _read_torch(path: Path) -> Checkpoint:
         if isinstance(state.get(key), Mapping):
             state = state[key]
             break
-    state = _to_timm_keys(dict(state), path, prefer_prefix=meta.get("weights_prefix"))
+    state = to_timm_keys(dict(state), path, prefer_prefix=meta.get("weights_prefix"))
     return Checkpoint(
         state,
         str(path),
@@ -225,7 +134,7 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     weights = next((f for f in weight_files if f.is_file()), None)
     if not config_file.is_file():
         raise CheckpointError(f"{path}: a model folder needs config.json and model.safetensors or pytorch_model.bin")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if "architecture" in config and "model_type" not in config:  # timm's config.json; transformers' has model_type
         return _read_timm_folder(path, config, weights)
     if weights is None:
@@ -242,7 +151,7 @@ def _read_hf_folder(path: Path) -> Checkpoint:
     processor = path / "preprocessor_config.json"
     if processor.is_file():
         cfg = checkpoint.model_config
-        checkpoint.data_config = hf_preprocessing(_read_json(processor), cfg["img_size"], cfg["in_chans"], processor)
+        checkpoint.data_config = hf_preprocessing(read_json(processor), cfg["img_size"], cfg["in_chans"], processor)
     if isinstance(config.get("id2label"), Mapping) and checkpoint.num_classes:
         labels = {str(k): v for k, v in config["id2label"].items()}
         checkpoint.class_names = [labels.get(str(i), str(i)) for i in range(checkpoint.num_classes)]
@@ -276,7 +185,7 @@ def _read_timm_folder(path: Path, config: dict[str, Any], weights: Path | None) 
     for key in ("mean", "std"):
         values = list(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
         n = len(values) if isinstance(values, list) and values else cfg.in_chans
-        data[key] = tuple(_numbers(values, n, key, config_file))
+        data[key] = tuple(config_numbers(values, n, key, config_file))
     if not cfg.dynamic_img_size:  # timm builds a fixed-size model at model_args' img_size, its input size too
         data["input_size"] = (cfg.in_chans, *cfg.img_hw)
     checkpoint.data_config = {**data, **fit_channels(data, cfg.in_chans)}
@@ -299,105 +208,6 @@ def _timm_labels(config: Mapping[str, Any], pretrained: Mapping[str, Any], n: in
         raise CheckpointError(f"{source}: label_names is not a list of {n} names (one for each class of the head)")
     descriptions = config.get("label_descriptions", pretrained.get("label_descriptions")) or {}
     return [descriptions.get(v, v) if isinstance(descriptions, Mapping) else v for v in names]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object (found {type(config).__name__})")
-    return config
-
-
-def hf_config_to_vit(config: Mapping[str, Any], num_classes: int = 0, source: Any = "<config>") -> dict[str, Any]:
-    """A Hugging Face `ViTConfig` (as a dict) in our `ViTConfig` terms, `layer_norm_eps` included."""
-    act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
-        raise CheckpointError(
-            f"{source}: unsupported Hugging Face hidden_act {act!r} (supported: {', '.join(HF_ACTIVATIONS)})"
-        )
-    if missing := [k for k in HF_REQUIRED if k not in config]:
-        raise CheckpointError(f"{source}: missing key{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
-    patch = config.get("patch_size", 16)
-    if isinstance(patch, list) and len(set(patch)) == 1:  # [16, 16]: a square patch written as a pair
-        patch = patch[0]
-    if isinstance(patch, list):
-        raise CheckpointError(f"{source}: patch_size {patch} is not square, and vit's patches are square")
-    try:
-        return ViTConfig(
-            img_size=config.get("image_size", 224),
-            patch_size=patch,
-            in_chans=config.get("num_channels", 3),
-            num_classes=num_classes,
-            embed_dim=config["hidden_size"],
-            depth=config["num_hidden_layers"],
-            num_heads=config["num_attention_heads"],
-            mlp_ratio=config["intermediate_size"] / config["hidden_size"],
-            qkv_bias=config.get("qkv_bias", True),
-            norm_eps=config.get("layer_norm_eps", 1e-12),
-            act_layer=HF_ACTIVATIONS[act],
-        ).to_dict()
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{source}: not a valid ViT config ({e})") from None
-
-
-def hf_preprocessing(
-    config: Mapping[str, Any], img_size: int | tuple[int, int], in_chans: int = 3, source: Any = "<processor>"
-) -> dict[str, Any]:
-    """A Hugging Face `ViTImageProcessor` config (preprocessor_config.json) in timm's data-config terms."""
-    # HF resizes straight to `size` (timm's 'squash' with crop_pct 1), then computes (x * rescale_factor - mean) / std
-    # where timm computes (x / 255 - mean) / std: mean and std absorb the difference, and do_normalize false is 0, 1.
-    # What cannot be mirrored warns and falls back rather than failing: the weights are fine, and a warning says
-    # why predictions may differ slightly from transformers'.
-    cannot, hw = [], (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    size = config.get("size")
-    size = {"height": size, "width": size} if isinstance(size, int) else size  # older files: one int
-    size = (size.get("height"), size.get("width")) if isinstance(size, Mapping) else (None, None)
-    if not config.get("do_resize", True):
-        cannot.append("do_resize false")
-    elif all(isinstance(side, int) and side > 0 for side in size):
-        hw = size
-    elif config.get("size") is not None:  # e.g. {'shortest_edge': 224}: sizes that vary with the image
-        cannot.append(f"size {config['size']!r}")
-    if config.get("do_center_crop"):
-        cannot.append("do_center_crop true")
-    resample = config.get("resample", 2)
-    if not isinstance(resample, int) or resample not in PIL_RESAMPLE:
-        cannot.append(f"resample {resample!r}")
-        resample = 2  # ViTImageProcessor's default
-    if cannot:
-        warnings.warn(
-            f"{source}: cannot mirror {', '.join(cannot)}; using a {hw[0]}x{hw[1]} {PIL_RESAMPLE[resample]} resize "
-            "instead",
-            stacklevel=3,
-        )
-
-    def numbers(key: str, default: Any, n: int = in_chans) -> list[float]:
-        return _numbers(config.get(key, default), n, key, source)
-
-    scale = 255 * numbers("rescale_factor", 1 / 255, 1)[0] if config.get("do_rescale", True) else 255
-    normalize = config.get("do_normalize", True)
-    mean, std = (
-        (numbers("image_mean", 0.5), numbers("image_std", 0.5)) if normalize else ([0.0] * in_chans, [1.0] * in_chans)
-    )
-    return {
-        "input_size": (in_chans, *hw),
-        "interpolation": PIL_RESAMPLE[resample],
-        "crop_pct": 1.0,
-        "crop_mode": "squash",
-        "mean": tuple(m / scale for m in mean),
-        "std": tuple(s / scale for s in std),
-    }
-
-
-def _numbers(value: Any, n: int, key: str, source: Any) -> list[float]:
-    """`n` numbers from a config value: a list of them, or one number that serves all."""
-    values = [value] * n if isinstance(value, (int, float)) else value
-    if not (isinstance(values, list) and len(values) == n and all(isinstance(v, (int, float)) for v in values)):
-        raise CheckpointError(f"{source}: {key} {value!r} is not " + ("a number" if n == 1 else f"{n} numbers"))
-    return values
 
 
 def _read_npz(path: Path) -> Checkpoint:
@@ -444,116 +254,11 @@ def _read_timm_hub(tag: str) -> Checkpoint:
             ) from None
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{tag}: could not fetch timm weights ({type(e).__name__}: {reason})") from None
-    state = _to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
+    state = to_timm_keys(reference.state_dict(), tag)  # refuses a timm model that is not a ViT
     config = config_from_timm(reference, tag)  # refuses one whose network ours does not compute
     subset = infer_imagenet_subset(reference)
     names = ImageNetInfo(subset).label_descriptions(as_dict=False) if subset else None
     return Checkpoint(state, tag, config, names, resolve_data_config(model=reference))
-
-
-def _download(url: str) -> Path:
-    """Fetch a URL once into torch's hub cache; the file is then read like a local one."""
-    # The URL's hash keeps two files of the same name apart (every HF repo has a 'model.safetensors').
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{Path(urlparse(url).path).name}"
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, str(cached), progress=False)
-        except Exception as e:
-            raise CheckpointError(f"{url}: download failed ({type(e).__name__}: {e})") from None
-    return cached
-
-
-# ------------------------------------------------------------------------------------------- converting
-def _to_timm_keys(state: dict[str, Any], source: Any, prefer_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Find the ViT inside a state dict by its patch-embedding key, strip any prefix, convert HF names."""
-    for anchor in (TIMM_ANCHOR, HF_ANCHOR):
-        prefixes = [k[: -len(anchor)] for k in state if isinstance(k, str) and k.endswith(anchor)]
-        if not prefixes:
-            continue
-        prefix = prefer_prefix if prefer_prefix in prefixes else min(prefixes, key=len)
-        if anchor == TIMM_ANCHOR:
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        return convert_hf_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, source)
-    sample = ", ".join(map(str, list(state)[:5])) or "none"
-    raise CheckpointError(
-        f"{source}: no ViT weights found (looked for '{TIMM_ANCHOR}' or Hugging Face's '{HF_ANCHOR}'; "
-        f"first keys: {sample})"
-    )
-
-
-def convert_hf_state_dict(state: Mapping[str, torch.Tensor], source: Any = "<state dict>") -> dict[str, torch.Tensor]:
-    """Hugging Face `ViTModel`/`ViTForImageClassification` names -> timm names, fusing q, k and v."""
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if HF_DROPPED.match(key):
-            continue
-        if match := HF_QKV.fullmatch(key):
-            block, part, kind = match.groups()
-            qkv.setdefault(f"blocks.{block}.attn.qkv.{kind}", {})[part] = value
-            continue
-        for pattern, new in HF_RENAMES:
-            key = re.sub(pattern, new, key)
-        out[key] = value
-    for key, parts in qkv.items():
-        if len(parts) != 3:
-            lacking = [name for name in QKV if name[0] not in parts]
-            raise CheckpointError(f"{source}: {key} lacks the attention {', '.join(lacking)} weights")
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
-def convert_jax_npz(w: Mapping[str, np.ndarray], source: Any = "<npz>") -> dict[str, torch.Tensor]:
-    """The original vit_jax / AugReg (and big_vision) .npz layout -> timm names."""
-    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
-    if prefix is None:
-        raise CheckpointError(f"{source}: not a ViT .npz checkpoint (no 'embedding/kernel' array)")
-    scanned = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w  # blocks stacked on a leading axis
-    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w or scanned  # as timm decides
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-    def get(name: str) -> np.ndarray:
-        if prefix + name not in w:
-            raise CheckpointError(f"{source}: the ViT .npz checkpoint lacks the array '{prefix + name}'")
-        return w[prefix + name]
-
-    pos = get("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding")
-    out = {
-        "patch_embed.proj.weight": t(get("embedding/kernel").transpose(3, 2, 0, 1)),  # HWIO -> OIHW
-        "patch_embed.proj.bias": t(get("embedding/bias")),
-        "pos_embed": t(pos if pos.ndim == 3 else pos[None]),
-        "norm.weight": t(get("Transformer/encoder_norm/scale")),
-        "norm.bias": t(get("Transformer/encoder_norm/bias")),
-    }
-    if f"{prefix}cls" in w:
-        out["cls_token"] = t(get("cls"))
-    if f"{prefix}head/kernel" in w:
-        out["head.weight"] = t(get("head/kernel").T)
-        out["head.bias"] = t(get("head/bias"))
-
-    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-    block_ids = {m.group(1) for k in w if (m := re.match(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/", k))}
-    depth = len(get("Transformer/encoderblock/LayerNorm_0/scale")) if scanned else len(block_ids)
-    dim, attn = out["norm.weight"].shape[0], f"MultiHeadDotProductAttention_{mha}"
-    for i in range(depth):
-        block = lambda name, i=i: (
-            get(f"Transformer/encoderblock/{name}")[i] if scanned else get(f"Transformer/encoderblock_{i}/{name}")
-        )
-        b = f"blocks.{i}."
-        out[b + "norm1.weight"] = t(block("LayerNorm_0/scale"))
-        out[b + "norm1.bias"] = t(block("LayerNorm_0/bias"))
-        out[b + "attn.qkv.weight"] = torch.cat([t(block(f"{attn}/{n}/kernel").reshape(dim, -1).T) for n in QKV])
-        out[b + "attn.qkv.bias"] = torch.cat([t(block(f"{attn}/{n}/bias").reshape(-1)) for n in QKV])
-        out[b + "attn.proj.weight"] = t(block(f"{attn}/out/kernel").reshape(-1, dim).T)  # (nh, hd, D) -> (D, D)
-        out[b + "attn.proj.bias"] = t(block(f"{attn}/out/bias"))
-        out[b + "norm2.weight"] = t(block(f"LayerNorm_{ln2}/scale"))
-        out[b + "norm2.bias"] = t(block(f"LayerNorm_{ln2}/bias"))
-        for r in (0, 1):
-            out[b + f"mlp.fc{r + 1}.weight"] = t(block(f"MlpBlock_{mlp}/Dense_{r}/kernel").T)
-            out[b + f"mlp.fc{r + 1}.bias"] = t(block(f"MlpBlock_{mlp}/Dense_{r}/bias"))
-    return out
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -605,7 +310,7 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
     ]
     if strict and (missing or unexpected or misshaped):
         parts = [
-            f"{label}: {_short_list(keys)}"
+            f"{label}: {short_list(keys)}"
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
             if keys
         ]
@@ -716,22 +421,3 @@ def save_safetensors(
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)
     return path
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write to, renamed over `path` when the block ends without an error and
-    removed when it fails: readers see the old file or the new one, never a part of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield temp
-        os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-
-
-def _short_list(items: list[str], limit: int = 8) -> str:
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more

@@ -165,3 +165,18 @@ def test_a_symbolic_link_loop_is_skipped_with_a_warning(checkpoint, tmp_path):
     with pytest.warns(UserWarning, match=r"again: skipped: a symbolic link back to .*photos, a folder above it"):
         results = Predictor.from_checkpoint(checkpoint, num_workers=0).predict(root)
     assert [r["path"] for r in results] == [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "table"])
+def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes_under_a_strict_utf8_stdout(
+    fmt, checkpoint, tmp_path, monkeypatch, capsys
+):
+    # A UTF-8 locale other than C.UTF-8 (en_US.UTF-8, or PYTHONIOENCODING=utf-8) makes stdout strict: the name's
+    # surrogates stopped the run with "surrogates not allowed" after the rows before it
+    save_images(tmp_path / "old", 2)
+    os.rename(tmp_path / "old" / "000.png", os.fsencode(tmp_path / "old") + b"/caf\xe9.png")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["predict", str(tmp_path / "old"), "-c", str(checkpoint), "--format", fmt, "-q"]) == 0
+    stdout.flush()
+    assert b"caf\xe9.png" in stdout.buffer.getvalue()

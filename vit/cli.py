@@ -131,6 +131,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     from vit.predict import Predictor, write_results
 
+    if hasattr(sys.stdout, "reconfigure"):
+        # A file name that is not valid UTF-8 (a Latin-1 name from an old archive) reaches Python as surrogates, which
+        # a UTF-8 locale's strict stdout refuses mid-run; written back as the name's own bytes, as `ls` writes it.
+        sys.stdout.reconfigure(errors="surrogateescape")
     done = failed = 0
 
     def counted(results: Iterator[dict]) -> Iterator[dict]:

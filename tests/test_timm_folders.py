@@ -14,7 +14,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, ImageNetInfo, create_transform, resolve_data_config
 from timm.models._hub import save_for_hf
 
 import vit
@@ -74,7 +74,7 @@ def test_a_variant_of_our_own_keeps_vits_defaults_and_a_new_size_keeps_timms_pre
     resized = vit.create_model("vit_small_patch16_384", img_size=256, depth=1)
     assert resized.pretrained_cfg["input_size"] == (3, 256, 256) and resized.pretrained_cfg["crop_pct"] == 1.0
     grey = vit.create_model("deit3_small_patch16_224", in_chans=1, depth=1)  # one channel: the RGB average
-    assert grey.pretrained_cfg["mean"] == pytest.approx([sum((0.485, 0.456, 0.406)) / 3])
+    assert grey.pretrained_cfg["mean"] == pytest.approx([sum(IMAGENET_DEFAULT_MEAN) / 3])
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_384", "deit3_small_patch16_224"])

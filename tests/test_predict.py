@@ -534,6 +534,13 @@ def test_models_shows_timms_default_pretrained_tag_or_a_dash_where_timm_has_no_w
     assert shown["vit_base_patch16_224"] != "-"
 
 
+def test_models_names_timms_vits_for_a_pattern_no_variant_of_ours_matches(capsys):
+    assert main(["models", "deit3*"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(timm.list_models('deit3*'))} of timm's ViT names do" in out and "deit3_base_patch16_224" in out
+    vit.create_model("deit3_base_patch16_224", depth=1)  # as it says: the name works
+
+
 def test_models_with_no_match_is_a_usage_error(capsys):
     assert main(["models", "resnet*"]) == 2
     assert "resnet" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def _models(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}")
+        return _timm_vit_names(args.pattern)
     header = ("name", "params", "input", "patch", "dim", "depth", "heads", "pretrained (timm tag)")
     table = Table(*header, box=None, pad_edge=False)
     for name in names:
@@ -57,6 +57,24 @@ def _models(args: argparse.Namespace) -> int:
         )
     Console(width=100).print(table)
     print("'-': timm has no weights for the name; other tags: timm.list_pretrained('NAME.*')")
+    print("timm's other ViT names work too (deit3_*, *_dinov2, *_clip_*, ...): timm.list_models('PATTERN')")
+    return 0
+
+
+def _timm_vit_names(pattern: str) -> int:
+    """For a pattern no variant of ours matches: timm's ViT names that do, which work where a variant name does."""
+    import timm
+
+    from vit.checkpoint_files import short_list
+
+    theirs = sorted({n for module in ("vision_transformer", "deit") for n in timm.list_models(pattern, module=module)})
+    if not theirs:
+        raise ValueError(f"no model matches {pattern!r}")
+    print(
+        f"no variant of vit's own matches {pattern!r}; {len(theirs)} of timm's ViT names do: {short_list(theirs, 6)}. "
+        "Each works where a variant name does (vit.create_model, --model, --model.model_name) when vit computes its "
+        "network, and is otherwise refused with the reason"
+    )
     return 0
 
 

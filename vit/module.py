@@ -310,10 +310,8 @@ class ViTClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         """A resumed run whose length differs from the one its LR schedule was planned for (a larger max_epochs,
         say) keeps the restored schedule: say so, since the LR would otherwise sit at its floor unannounced."""
-        from vit.budget import TimeBudget  # here: vit.budget imports this module
-
         ckpt, planned = self.trainer.ckpt_path, float(self.trainer.estimated_stepping_batches)
-        if not ckpt or not math.isfinite(planned) or any(isinstance(c, TimeBudget) for c in self.trainer.callbacks):
+        if not ckpt or not math.isfinite(planned) or _time_budgeted(self.trainer):
             return  # a fresh schedule, no known end, or one that TimeBudget plans as it goes
         for config in self.trainer.lr_scheduler_configs:
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
@@ -378,10 +376,7 @@ class ViTClassifier(L.LightningModule):
         per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
         warmup = max(1, round(self.hparams.warmup_epochs * per_epoch))
         schedule = WarmupCosine(warmup, float(total), self.hparams.min_lr_ratio)
-        from vit.budget import TimeBudget  # here: vit.budget imports this module
-
-        budgeted = any(isinstance(c, TimeBudget) for c in self.trainer.callbacks)  # it plans `total` as it goes
-        if warmup >= total and not budgeted and not self.trainer.fast_dev_run:
+        if warmup >= total and not _time_budgeted(self.trainer) and not self.trainer.fast_dev_run:
             warn_warmup_outlasts_the_run(self.hparams.warmup_epochs, warmup, total)
         return {
             "optimizer": optimizer,
@@ -427,6 +422,13 @@ class ViTClassifier(L.LightningModule):
         self.data_config = meta.get("data_config")
         if self.data_config:  # a data module set up later (a test of a loaded module) reads the trained preprocessing
             self.model.pretrained_cfg = {**self.model.pretrained_cfg, **self.data_config}
+
+
+def _time_budgeted(trainer: L.Trainer) -> bool:
+    """Whether `vit.budget.TimeBudget` plans this run's schedule as it goes, so its length is not yet known."""
+    from vit.budget import TimeBudget  # here: vit.budget imports this module
+
+    return any(isinstance(c, TimeBudget) for c in trainer.callbacks)
 
 
 def other_classes(checkpoint: str, saved: list[str], names: list[str]) -> str:

@@ -106,10 +106,7 @@ def config_from_timm(model: nn.Module, source: Any) -> dict[str, Any]:
 def timm_model_config(name: str, **overrides: Any) -> ViTConfig | None:
     """The `ViTConfig` of timm's architecture `name` (built on the meta device: no weights, no memory); None when
     it is no transformer over patches at all (a ResNet, say)."""
-    import timm
-
-    with torch.device("meta"):
-        reference = timm.create_model(name, pretrained=False)
+    reference = _on_meta(name)
     if not hasattr(reference, "patch_embed"):
         return None
     return ViTConfig.from_dict({**config_from_timm(reference, name), **overrides})
@@ -123,14 +120,21 @@ def timm_arch_config(architecture: Any, model_args: dict[str, Any], source: Any)
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise CheckpointError(f"{source}: architecture {architecture!r} is not a model timm {timm.__version__} knows")
     try:
-        with torch.device("meta"):
-            reference = timm.create_model(architecture, pretrained=False, **model_args)
+        reference = _on_meta(architecture, **model_args)
     except Exception as e:  # an argument this timm does not take, or a value it refuses
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"{source}: timm cannot build {architecture} with its model_args ({type(e).__name__}: {reason})"
         ) from None
     return config_from_timm(reference, f"{source} ({architecture})")  # refuses a ResNet as well as a SigLIP
+
+
+def _on_meta(architecture: str, **model_args: Any) -> nn.Module:
+    """timm's model on the meta device: its modules and shapes to read a config off, without weights or memory."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(architecture, pretrained=False, **model_args)
 
 
 def timm_data_config(name: str, cfg: ViTConfig) -> dict[str, Any] | None:

@@ -165,8 +165,10 @@ def _lightning_cli_class() -> type:
                 isinstance(c, ProgressBar) for c in callbacks
             ):
                 # Lightning's default redraws from a thread woken 100 times a second, which takes the GIL (and
-                # a core's share) from the training loop, and updates after every batch; 10 a second look as smooth
-                callbacks.append(RateLimitedRichProgressBar(refresh_rate=10))
+                # a core's share) from the training loop, and updates after every batch. Each redraw lays out Rich's
+                # whole table (1.5-2.5 ms here); 4 a second, Rich's own default for live displays, cost 1% less
+                # of a digits run than 10 and still follow every epoch's end
+                callbacks.append(RateLimitedRichProgressBar(refresh_rate=4))
             trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
             if self.last_checkpoint is not None:
                 # The monitored checkpoint must come first: it is `trainer.checkpoint_callback` (`--ckpt_path best`)

@@ -18,7 +18,7 @@ class RateLimitedRichProgressBar(RichProgressBar):
     """`RichProgressBar` whose training bar and metrics follow the batches at most `refresh_rate` times a second
     (and always at an epoch's last batch); validation and test bars are Lightning's."""
 
-    def __init__(self, refresh_rate: float = 10, **kwargs: Any):
+    def __init__(self, refresh_rate: float = 4, **kwargs: Any):
         super().__init__(refresh_rate=refresh_rate, **kwargs)
         self._next_update = 0.0
 

@@ -180,3 +180,48 @@ def test_a_file_name_that_is_not_utf8_is_written_as_its_own_bytes_under_a_strict
     assert main(["predict", str(tmp_path / "old"), "-c", str(checkpoint), "--format", fmt, "-q"]) == 0
     stdout.flush()
     assert b"caf\xe9.png" in stdout.buffer.getvalue()
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_files_from_classifies_the_listed_paths_after_the_arguments(via, checkpoint, tmp_path, monkeypatch, capsys):
+    first, listed, *folder = save_images(tmp_path / "photos", 4)
+    os.rename(listed, os.fsencode(listed.parent) + b"/caf\xe9.png")  # a Latin-1 name, as `find` prints it
+    monkeypatch.chdir(tmp_path)  # relative paths in the list are from the current folder, as tar -T reads them
+    lines = [b"photos/caf\xe9.png", b"", b"   ", os.fsencode(folder[0]), b"photos/missing.png", b"photos"]
+    data = b"\r\n".join(lines) + b"\n"  # a list written on Windows reads the same
+    if via == "file":
+        (tmp_path / "list.txt").write_bytes(data)
+    else:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    source = "list.txt" if via == "file" else "-"
+    argv = ["predict", str(first), "--files-from", source, "-c", str(checkpoint), "--format", "json"]
+    assert main(argv) == 1  # the missing file is a failed input, as it is on the command line
+    results = json.loads(capsys.readouterr().out)
+    expected = [str(first), os.fsdecode(b"photos/caf\xe9.png"), str(folder[0]), "photos/missing.png"]
+    expected += sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "photos").iterdir())  # the folder, walked
+    assert [r["path"] for r in results] == expected
+    assert [r["error"] for r in results].count("no such file or folder") == 1
+    assert results[3]["error"] == "no such file or folder"
+    assert all(r["error"] is None and r["predictions"] for i, r in enumerate(results) if i != 3)
+
+
+def test_files_from_alone_replaces_the_arguments_and_may_list_nothing(checkpoint, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"\n\n")  # a `find` that found nothing
+    assert (
+        main(["predict", "--files-from", str(tmp_path / "empty.txt"), "-c", str(checkpoint), "--format", "json"]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert json.loads(out) == [] and err == "vit predict: warning: --files-from lists no files: nothing to classify\n"
+
+
+def test_files_from_a_missing_list_or_no_source_at_all_is_a_usage_error(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--files-from", str(tmp_path / "nolist.txt"), "-c", str(checkpoint)])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        stop.value.code == 2
+        and last == f"vit predict: error: argument --files-from: {tmp_path}/nolist.txt: no such file"
+    )
+    assert main(["predict", "-c", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert err == "vit predict: error: no SOURCE: name image files or folders, or list them with --files-from FILE\n"

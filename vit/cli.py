@@ -110,6 +110,20 @@ def _source(text: str) -> str:
     return text
 
 
+def _path_list(text: str) -> list[str]:
+    """An argparse type for `--files-from`: the paths listed in a file (`-`: stdin), one a line, as tar's -T reads
+    them; blank lines are skipped, and names are kept byte for byte (surrogate-escaped, as Python gives argv)."""
+    try:
+        data = sys.stdin.buffer.read() if text == "-" else Path(text).read_bytes()
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text}: no such file") from None
+    except IsADirectoryError:  # the folder itself was meant as a SOURCE, probably
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file listing paths") from None
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: cannot read it ({(e.strerror or str(e)).lower()})") from None
+    return [os.fsdecode(line) for line in data.splitlines() if line.strip()]
+
+
 def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt, a weights file or folder, or a timm tag")
     p.add_argument(
@@ -122,7 +136,13 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files or folders of them (searched recursively)")
-    p.add_argument("sources", nargs="+", type=_source, metavar="SOURCE", help="image files and folders")
+    p.add_argument("sources", nargs="*", type=_source, metavar="SOURCE", help="image files and folders")
+    p.add_argument(
+        "--files-from",
+        metavar="FILE",
+        type=_path_list,
+        help="also classify the files and folders listed in FILE, one a line ('-': stdin)",
+    )
     _add_checkpoint_options(p)
     p.add_argument("--topk", type=_int_at_least(1), default=5, help="how many classes to report per image")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -153,6 +173,11 @@ def _predict(args: argparse.Namespace) -> int:
         # A file name that is not valid UTF-8 (a Latin-1 name from an old archive) reaches Python as surrogates, which
         # a UTF-8 locale's strict stdout refuses mid-run; written back as the name's own bytes, as `ls` writes it.
         sys.stdout.reconfigure(errors="surrogateescape")
+    if not args.sources and args.files_from is None:
+        raise ValueError("no SOURCE: name image files or folders, or list them with --files-from FILE")
+    sources = args.sources + (args.files_from or [])
+    if not sources:  # an empty list (a `find` that found nothing): nothing to classify, which is no error
+        print("vit predict: warning: --files-from lists no files: nothing to classify", file=sys.stderr)
     done = failed = 0
 
     def counted(results: Iterator[dict]) -> Iterator[dict]:
@@ -172,7 +197,7 @@ def _predict(args: argparse.Namespace) -> int:
                 amp_dtype=getattr(torch, args.amp_dtype or "bfloat16"),
                 model_name=args.model,
             )
-            results = predictor.iter_predict(args.sources, topk=args.topk, progress=False if args.quiet else None)
+            results = predictor.iter_predict(sources, topk=args.topk, progress=False if args.quiet else None)
             write_results(counted(results), args.format, sys.stdout)  # JSON and CSV go out as they come
     except (KeyboardInterrupt, _Terminated) as e:
         name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision.datasets.folder import make_dataset
 
@@ -225,3 +226,12 @@ def test_files_from_a_missing_list_or_no_source_at_all_is_a_usage_error(checkpoi
     assert main(["predict", "-c", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert err == "vit predict: error: no SOURCE: name image files or folders, or list them with --files-from FILE\n"
+
+
+def test_more_workers_than_cores_is_warned_once(checkpoint, tmp_path, monkeypatch, capsys):
+    save_images(tmp_path / "few", 3)
+    monkeypatch.setattr(torch._utils, "cpu_count", lambda: 1)  # what torch's check reads: a one-core machine
+    argv = ["predict", str(tmp_path / "few"), "-c", str(checkpoint), "--num-workers", "2", "-q", "--format", "csv"]
+    assert main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "worker processes" in line]
+    assert len(warned) == 1 and warned[0].startswith("vit predict: warning: This DataLoader will create 2 worker")

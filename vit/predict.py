@@ -192,9 +192,13 @@ class Predictor:
             pin_memory=self.device.type == "cuda",
             worker_init_fn=_quiet_on_sigterm,
         )
+        with warnings.catch_warnings():
+            # torch warns of more workers than cores at DataLoader(), then again at iter(): once is enough
+            warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+            batches = iter(loader)
         show = progress if progress is not None else len(items) > FEW_IMAGES and sys.stderr.isatty()
         with _progress_bar(len(items), show) as advance:
-            for indices, batch, errors in loader:
+            for indices, batch, errors in batches:
                 results = {i: _result(items[i], [], message) for i, message in errors}
                 if batch is not None:
                     with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):

@@ -157,6 +157,14 @@ def test_pretrained_true_means_timms_default_weights_for_model_name(tmp_path, mo
     assert "vit_nano_patch4_32: timm has no pretrained weights of that name" in err
 
 
+def test_model_name_with_a_tag_timm_lacks_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    name = "vit_tiny_patch16_224.nosuchtag"
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--model.model_name", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vit fit: error: {name}: timm has no pretrained tag 'nosuchtag'") and "\n" not in err
+
+
 def test_print_config_shows_the_resolved_configuration(capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--print_config"]) == 0
     out = capsys.readouterr().out

@@ -134,6 +134,25 @@ def test_unknown_model_name_suggests_close_matches():
         vit.create_model("resnet50")
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch16_224.nosuchtag", "deit3_small_patch16_224.nosuchtag"])
+def test_an_unknown_pretrained_tag_is_refused_as_timm_refuses_it_naming_the_tags_it_has(name):
+    arch, tag = name.split(".")
+    with pytest.raises(RuntimeError, match=r"Invalid pretrained tag \(nosuchtag\)"):  # timm's, even untrained
+        timm.create_model(name, pretrained=False)
+    known = timm.list_pretrained(f"{arch}.*")
+    with pytest.raises(ValueError) as refused:
+        vit.create_model(name)
+    message = str(refused.value)
+    assert message.startswith(f"{name}: ") and f"{tag!r}" in message and "\n" not in message
+    assert all(known_tag.split(".", 1)[1] in message for known_tag in known[:2])
+    assert all(vit.model_config(known_tag) for known_tag in known)  # the tags timm has still build
+
+
+def test_a_tag_on_a_variant_of_our_own_is_refused():
+    with pytest.raises(ValueError, match=r"^vit_nano_patch4_32.x: no pretrained tag 'x' .* a variant of vit's own"):
+        vit.create_model("vit_nano_patch4_32.x")
+
+
 def test_a_misspelt_config_field_is_a_value_error_naming_the_field_meant():
     for build in (
         lambda: vit.create_model("vit_tiny_patch16_224", deptth=1),

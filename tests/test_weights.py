@@ -670,18 +670,21 @@ def test_a_name_that_is_neither_a_path_nor_a_timm_model_says_so(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "source", ["vit_nano_patch4_32", "vit_base_patch16_reg4_gap_256", "vit_small_patch16_224.no_tag"]
+    "source, message",
+    [
+        ("vit_nano_patch4_32", "timm has no pretrained weights of that name"),
+        ("vit_base_patch16_reg4_gap_256", "timm has no pretrained weights of that name"),
+        ("vit_small_patch16_224.no_tag", "timm has no pretrained tag 'no_tag' for vit_small_patch16_224 (its tags: "),
+    ],
 )
-def test_a_model_name_without_timm_weights_says_so_without_asking_the_network(tmp_path, monkeypatch, source):
+def test_a_model_name_without_timm_weights_says_so_without_asking_the_network(tmp_path, monkeypatch, source, message):
     import timm
 
     # ours, an architecture timm leaves untrained, a tag timm lacks: timm's own list is the oracle
     assert not timm.list_pretrained(source if "." in source else f"{source}.*")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("asked the network"))
-    with pytest.raises(
-        vit.CheckpointError, match=rf"^{re.escape(source)}: timm has no pretrained weights of that name"
-    ):
+    with pytest.raises(vit.CheckpointError, match=rf"^{re.escape(source)}: {re.escape(message)}"):
         vit.read_checkpoint(source)
 
 

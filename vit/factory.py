@@ -65,13 +65,37 @@ def timm_tags(name: str) -> list[str]:
     return sorted(tags, key=lambda tag: tag != default)  # stable: the default first, then timm's order
 
 
+def unknown_tag(name: str) -> str | None:
+    """Why `name`'s tag (`vit_small_patch16_224.augreg_in1k`) names nothing, in one line; None for a tag timm knows
+    for the architecture, or no tag. timm refuses an unknown tag even with pretrained=False, and so do we."""
+    import timm
+    from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg
+
+    arch, _, tag = name.partition(".")
+    # no tag, a bare 'name.' (timm.create_model's default tag), or an unknown model, which model_config names
+    if not tag or not (arch in VARIANTS or timm.is_model(arch)):
+        return None
+    if not timm.is_model(arch):
+        return f"{name}: no pretrained tag {tag!r} for {arch}, a variant of vit's own, which has none"
+    try:
+        get_pretrained_cfg(name)
+        return None
+    except RuntimeError:  # timm's "Invalid pretrained tag (...) for ..."
+        from vit.checkpoint_files import short_list
+
+        tags = [t.partition(".")[2] for t in get_arch_pretrained_cfgs(arch)]
+        return f"{name}: timm has no pretrained tag {tag!r} for {arch} (its tags: {short_list(tags, 4)})"
+
+
 def model_config(name: str, **overrides: Any) -> ViTConfig:
-    """The `ViTConfig` of a named variant, or of any timm ViT architecture whose network ours computes (a timm tag
-    suffix such as `.augreg_in21k` is ignored)."""
+    """The `ViTConfig` of a named variant, or of any timm ViT architecture whose network ours computes; a timm tag
+    suffix such as `.augreg_in21k` must be one timm knows for the architecture."""
     import timm
 
     from vit.timm_config import timm_model_config
 
+    if problem := unknown_tag(name):
+        raise ValueError(problem)
     arch = name.split(".", 1)[0]
     if arch not in VARIANTS and timm.is_model(arch) and (config := timm_model_config(arch, **overrides)):
         return config

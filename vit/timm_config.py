@@ -145,7 +145,7 @@ def timm_data_config(name: str, cfg: ViTConfig) -> dict[str, Any] | None:
 
     try:
         pretrained = get_pretrained_cfg(name)
-    except RuntimeError:  # a tag timm does not have (the model builds, since model_config ignores tags)
+    except RuntimeError:  # a tag timm does not have (which model_config refuses): the default tag's preprocessing
         pretrained = get_pretrained_cfg(name.split(".", 1)[0])
     if pretrained is None:  # not a timm name, or a timm architecture without any pretrained config
         return None

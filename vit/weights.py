@@ -226,7 +226,7 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     from huggingface_hub.errors import LocalEntryNotFoundError
     from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
-    from vit.factory import VARIANTS, timm_tags
+    from vit.factory import VARIANTS, timm_tags, unknown_tag
     from vit.hub import hub_offline, hub_unreachable
     from vit.timm_config import config_from_timm
 
@@ -235,6 +235,8 @@ def _read_timm_hub(tag: str) -> Checkpoint:
     tags = timm_tags(arch)
     if not tag.startswith(("hf-hub:", "hf_hub:")) and (tag not in tags if "." in tag else not tags):
         # a name of ours, an architecture timm leaves untrained, a wrong tag or a typo
+        if problem := unknown_tag(tag):  # a tag that names nothing: say which ones do
+            raise CheckpointError(problem)
         if arch in VARIANTS or timm.is_model(arch):
             raise CheckpointError(
                 f"{tag}: timm has no pretrained weights of that name (`vit models` shows the names that have "

@@ -90,6 +90,16 @@ def image_folder(path: str) -> Path:
     return Path(path)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, **quick: Any) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, where `--quick` makes `quick` the defaults: an option given explicitly still wins
+    (`--quick --rounds 5` runs 5 rounds)."""
+    seen = argparse.ArgumentParser(add_help=False)
+    seen.add_argument("--quick", action="store_true")
+    if seen.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
+
+
 def header() -> str:
     """Versions and threads, for the first line of every benchmark's output."""
     return f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, float32 CPU"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import image_folder, ratio_spread
+from common import image_folder, parse_args, ratio_spread
 from loop_overhead import config_model, config_threads, plain_optimizer, random_image_folder, read_config, train_step
 
 from vit.data import DigitsDataModule, ImageFolderDataModule, VisionDataModule
@@ -122,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="batches per loader pass (and model steps)")
     parser.add_argument("--in-memory", action="store_true", help="ImageFolder setting: in_memory=True")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 1 round of 2 batches of 8")
-    args = parser.parse_args(argv)
-    batch_size = None
-    if args.quick:
-        args.rounds, args.batches, args.images, batch_size = 1, 2, 60, 8
+    args = parse_args(parser, argv, rounds=1, batches=2, images=60)
+    batch_size = 8 if args.quick else None
     print(f"torch {torch.__version__}, float32 CPU, {len(os.sched_getaffinity(0))} cores")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:

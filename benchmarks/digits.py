@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import parse_args
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -79,10 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits.yaml")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: the first seed, one epoch of 2 batches")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds = args.seeds[:1]
+    parser.add_argument("--quick", action="store_true", help="a smoke test: seed 0, one epoch of 2 batches")
+    args = parse_args(parser, argv, seeds=[0])
     config = args.config.resolve()
 
     reference = baselines()

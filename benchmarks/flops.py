@@ -20,7 +20,7 @@ import argparse
 import statistics
 
 import torch
-from common import check_same_logits, header, interleaved, model_pair
+from common import check_same_logits, header, interleaved, model_pair, parse_args
 from speed import inference_step
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: depth 1, batch 2, 2 rounds")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, batch_size=2, rounds=2)
     depth = {"depth": 1} if args.quick else {}
-    if args.quick:
-        args.batch_size, args.rounds = 2, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

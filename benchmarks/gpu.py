@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import interleaved, model_pair, speedup
+from common import interleaved, model_pair, parse_args, speedup
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also compare both models under torch.compile")
-    parser.add_argument("--quick", action="store_true", help="a tiny run that works on the CPU too")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run that works on the CPU too: model 'quick', batch 2, 2 rounds"
+    )
+    args = parse_args(parser, argv, model="quick", batch_size=2, rounds=2)
     if not torch.cuda.is_available() and not args.quick:
         print("no CUDA device: nothing to measure (use --quick to exercise the script on the CPU)")
         return 0
@@ -129,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
     smoke(device, args.quick)
-    model, batch, rounds = ("quick", 2, 2) if args.quick else (args.model, args.batch_size, args.rounds)
-    throughput(model, device, batch, rounds, compile_models=False)
-    if args.compile and not args.quick:
-        throughput(model, device, batch, rounds, compile_models=True)
+    throughput(args.model, device, args.batch_size, args.rounds, compile_models=False)
+    if args.compile:
+        throughput(args.model, device, args.batch_size, args.rounds, compile_models=True)
     return 0
 
 

@@ -43,7 +43,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's `vit`, installed or not
-from common import image_folder, ratio_spread  # noqa: E402
+from common import image_folder, parse_args, ratio_spread  # noqa: E402
 
 import vit  # noqa: E402
 
@@ -351,12 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test: 1 round, no warm-up run, 2 epochs of 2 small batches"
     )
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, rounds=1, epochs=2, batches=2, images=60)
     if args.epochs < 2 or args.rounds < 1:
         parser.error("--epochs must be 2 or more (the first epoch of every run is warm-up) and --rounds 1 or more")
-    batch_size = None
-    if args.quick:
-        args.rounds, args.epochs, args.batches, args.images, batch_size = 1, 2, 2, 60, 8
+    batch_size = 8 if args.quick else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads by default, float32 CPU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -24,7 +24,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from common import header, vit
+from common import header, parse_args, vit
 
 MiB = 2**20
 
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke test: depth 2, batch 2")
     parser.add_argument("--child", choices=["ours", "timm"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.depth, args.batch_size = 2, 2
+    args = parse_args(parser, argv, depth=2, batch_size=2)
     if args.child:
         child(args)
         return 0

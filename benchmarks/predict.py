@@ -27,7 +27,7 @@ from timm.data import create_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's vit, not an installed one
-from common import image_folder  # noqa: E402
+from common import image_folder, parse_args  # noqa: E402
 
 import vit  # noqa: E402
 from vit.images import IMAGE_EXTENSIONS  # noqa: E402
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=MODEL, help="a 224-px model name (random weights)")
     parser.add_argument("--amp", action="store_true", help="also time Predictor(amp=True) (bfloat16 autocast)")
     parser.add_argument("--jpeg-size", type=int, nargs=2, default=(SIZE, SIZE), metavar=("W", "H"))
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.images, args.batch_size, args.repeats = 8, 4, 1
+    args = parse_args(parser, argv, images=8, batch_size=4, repeats=1)
     source = args.data_dir or next((p for p in CIFAR_CANDIDATES if p.is_dir()), None)
     source = None if args.synthetic else source
 

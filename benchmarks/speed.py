@@ -18,7 +18,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from common import SMALL_32, check_same_logits, header, interleaved, model_pair, speedup
+from common import SMALL_32, check_same_logits, header, interleaved, model_pair, parse_args, speedup
 
 
 def inference_step(model: torch.nn.Module, x: torch.Tensor):
@@ -67,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: depth 1, small batches, 2 rounds")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, infer_batch=2, train_batch=4, rounds=2)
     depth = {"depth": 1} if args.quick else {}
-    if args.quick:
-        args.infer_batch, args.train_batch, args.rounds = 2, 4, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

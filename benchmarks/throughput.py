@@ -20,6 +20,8 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `vit`, installed or not
+from common import parse_args
+
 import vit
 
 
@@ -74,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--depth", type=int, default=None, help="override the variants' depth")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 blocks, batch 2, 2 rounds, 1 thread")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.depth, args.batch_size, args.rounds, args.iters, args.warmup, args.threads = 2, 2, 2, 1, 1, 1
+    args = parse_args(parser, argv, depth=2, batch_size=2, rounds=2, iters=1, warmup=1, threads=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

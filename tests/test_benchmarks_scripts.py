@@ -4,6 +4,7 @@ before any work. The figures they print are measurements: only the shape of the 
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -60,6 +61,50 @@ def test_a_data_dir_that_is_no_image_folder_is_one_usage_line_before_any_work(
     assert f".py: error: argument --data-dir: {folder}: {message}" in err  # (the prog name is pytest's here)
 
 
+class _Reached(Exception):
+    """The script got to its first real work, with these arguments."""
+
+
+# script, its options after --quick (one explicit value 3), the first function handed it, functions before it to skip
+EXPLICIT_OVER_QUICK = [
+    ("data_pipeline", ["--settings", "digits", "--rounds", "3"], "compare", ()),
+    ("loop_overhead", ["--settings", "digits", "--rounds", "3"], "compare", ()),
+    ("flops", ["--models", "vit_tiny_patch16_224", "--rounds", "3"], "interleaved", ()),
+    ("speed", ["--only", "train", "--rounds", "3"], "interleaved", ()),
+    ("throughput", ["--models", "vit_tiny_patch16_224", "--rounds", "3"], "compare", ()),
+    ("memory", ["--batch-size", "3"], "measure", ()),
+    ("predict", ["--images", "3"], "make_jpegs", ()),
+    ("gpu", ["--rounds", "3"], "throughput", ("smoke",)),
+]
+
+
+@pytest.mark.parametrize(("script", "options", "first_work", "skipped"), EXPLICIT_OVER_QUICK)
+def test_an_option_given_explicitly_wins_over_quicks_defaults(script, options, first_work, skipped, monkeypatch):
+    module = __import__(script)
+
+    def reached(*args, **kwargs):
+        raise _Reached([*args, *kwargs.values()])
+
+    monkeypatch.setattr(module, first_work, reached)
+    for name in skipped:
+        monkeypatch.setattr(module, name, lambda *a, **k: None)
+    with pytest.raises(_Reached) as work:
+        module.main(["--quick", *options])
+    given = work.value.args[0]
+    given += [value for arg in given if isinstance(arg, argparse.Namespace) for value in vars(arg).values()]
+    assert 3 in given, given
+
+
+def test_quick_still_sets_the_options_not_given(monkeypatch):
+    import data_pipeline
+
+    calls = []
+    monkeypatch.setattr(data_pipeline, "compare", lambda *args: calls.append(args) or "")
+    assert data_pipeline.main(["--quick", "--settings", "digits", "--rounds", "3"]) == 0
+    (_name, _folder, _label, rounds, batches, batch_size, _in_memory), *_ = calls
+    assert (rounds, batches, batch_size) == (3, 2, 8)  # --rounds given; --quick's 2 batches of 8
+
+
 def test_loop_overhead_refuses_a_run_with_no_timed_epoch(capsys):
     from loop_overhead import main
 
@@ -109,17 +154,22 @@ def test_digits_benchmark_fits_tests_and_compares_with_scikit_learn(monkeypatch,
 
     from vit.cli import main as vit_main
 
+    printed = []  # the script's own lines, which a `vit` run's capture would otherwise take
+
     def in_process(args: list[str], cwd: Path) -> tuple[str, float]:  # `vit ...` without a process start (seconds)
+        printed.append(capsys.readouterr().out)
         monkeypatch.chdir(cwd)
         assert vit_main(args) == 0
         return capsys.readouterr().out, 0.0
 
     monkeypatch.setattr(digits, "vit_command", in_process)
     digits.main(["--quick", "--seeds", "3", "4"])
-    out = capsys.readouterr().out
-    assert re.search(rf"seed 3: `vit fit` {NUMBER} s wall; test accuracy best.ckpt {NUMBER}, last.ckpt {NUMBER}", out)
-    assert "seed 4" not in out  # --quick: the first seed only
-    assert "--seed_everything 3 --trainer.max_epochs 1" in out
+    out = "".join(printed) + capsys.readouterr().out
+    for seed in (3, 4):  # the seeds given win over --quick's one seed; each run is --quick's one short epoch
+        assert re.search(
+            rf"seed {seed}: `vit fit` {NUMBER} s wall; test accuracy best.ckpt {NUMBER}, last.ckpt {NUMBER}", out
+        )
+    assert "--seed_everything {3,4} --trainer.max_epochs 1" in out
     for name in ("best.ckpt", "last.ckpt"):
         assert re.search(rf"{name}: test accuracy {NUMBER} ± {NUMBER} .* vit / SVC\(\) = {NUMBER}", out)
     assert re.search(rf"SVC\(\): test accuracy {NUMBER} \(same split", out)

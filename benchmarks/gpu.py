@@ -4,12 +4,14 @@ weights, interleaved (inference and a training step of vit_base_patch16_224, eag
     python benchmarks/gpu.py [--model vit_base_patch16_224] [--compile] [--quick]
 
 Every figure is a ratio against timm measured in the same process, in alternating order. Without CUDA it says so
-and exits 0 (`--quick` then runs the same code on the CPU, so that the script cannot rot unseen).
+in one line and exits with status 1, measuring nothing (`--quick` runs the same code on the CPU, so that the script
+cannot rot unseen).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a tiny run that works on the CPU too: model 'quick', batch 2, 2 rounds"
     )
     args = parse_args(parser, argv, model="quick", batch_size=2, rounds=2)
-    if not torch.cuda.is_available() and not args.quick:
-        print("no CUDA device: nothing to measure (use --quick to exercise the script on the CPU)")
-        return 0
+    if not torch.cuda.is_available() and not args.quick:  # a failure: a GPU job that measured nothing must not pass
+        print("gpu.py: no CUDA device found: nothing to measure (--quick runs the script on the CPU)", file=sys.stderr)
+        return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

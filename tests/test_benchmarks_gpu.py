@@ -1,8 +1,10 @@
-"""benchmarks/gpu.py still runs end to end: its --quick mode runs the same code on the CPU with a tiny model.
-The figures it prints are measurements, not specifications: only the shape of the report is checked."""
+"""benchmarks/gpu.py still runs end to end: its --quick mode runs the same code on the CPU with a tiny model; without
+--quick and without a GPU it fails in one line. The figures it prints are measurements, not specifications: only the
+shape of the report is checked."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,3 +23,12 @@ def test_gpu_script_smoke_tests_and_reports_ratios_against_timm():
     assert "SDPA MATH: forward + backward in bf16 ran" in out
     for kind in ("inference", "training step"):
         assert re.search(rf"bf16 autocast, batch 2, eager, {kind}: .* ours/timm [0-9.]+ \(quartiles", out)
+
+
+def test_gpu_script_without_a_gpu_says_so_in_one_line_and_fails():
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, on a machine with one too
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=300, env=hidden
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("gpu.py: no CUDA device found") and done.stderr.count("\n") == 1, done.stderr

@@ -235,3 +235,35 @@ def test_more_workers_than_cores_is_warned_once(checkpoint, tmp_path, monkeypatc
     assert main(argv) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "worker processes" in line]
     assert len(warned) == 1 and warned[0].startswith("vit predict: warning: This DataLoader will create 2 worker")
+
+
+# Ctrl-C arrives just as `module` starts to import: a finder first on sys.meta_path sends this process SIGINT when
+# asked for it, so the KeyboardInterrupt comes inside that import, every time. Then what the console script runs.
+CTRL_C_DURING_IMPORT = """
+import os, signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from vit.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, module",
+    [
+        (["predict", "photo.png", "-c", "missing.ckpt"], "torch"),  # the first second of every command
+        (["fit", "--config", "configs/digits.yaml"], "lightning"),  # the next few seconds of fit, validate, test
+    ],
+)
+def test_ctrl_c_while_the_command_imports_ends_in_one_line_with_status_130(argv, module):
+    code = CTRL_C_DURING_IMPORT.format(module=module, argv=argv)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == f"vit {argv[0]}: stopped by Ctrl-C\n"

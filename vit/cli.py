@@ -4,7 +4,8 @@ argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.weights
 User errors (a missing checkpoint, a bad option) print one line and exit with status 2; they never print a
 traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
 Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with status 141, as a Unix
-tool stopped by SIGPIPE does; `vit predict` stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143.
+tool stopped by SIGPIPE does; `vit predict` stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143,
+and so does any command stopped by Ctrl-C while it starts (torch, timm and Lightning import in `main`, not before).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from vit.weights import CheckpointError
-
-USER_ERRORS = (CheckpointError, FileNotFoundError, ValueError)
+# vit.weights' CheckpointError is a ValueError; naming it here would import torch before main() can catch a Ctrl-C
+USER_ERRORS = (FileNotFoundError, ValueError)
 ONNX_TOLERANCE = 1e-3  # largest |logit difference| `vit export` accepts from onnxruntime without a warning
 BROKEN_PIPE_STATUS = 128 + 13  # 128 + SIGPIPE: what a shell reports for `cat`, `grep` ... stopped by `| head`
 
@@ -382,14 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        status = _run(list(sys.argv[1:] if argv is None else argv))
+        status = _run(argv)
         sys.stdout.flush()  # here rather than at exit, so that a reader gone away is noticed below
         return status
     except BrokenPipeError:  # the reader has all it wants (`vit predict ... | head`): stop quietly
         # Python's recipe: stdout onto devnull, so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_STATUS
+    except KeyboardInterrupt:  # before the command's own handling: while torch, timm or Lightning import, say
+        command = f"vit {argv[0]}" if argv and not argv[0].startswith("-") else "vit"
+        print(f"{command}: stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT  # 130, as `vit predict` stopped mid-run
 
 
 def _run(argv: list[str]) -> int:

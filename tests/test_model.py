@@ -351,3 +351,20 @@ def test_throughput_benchmark_runs_quick():
     for name in ("vit_tiny_patch16_224", "vit_small_patch16_224"):
         line = next(line for line in out.stdout.splitlines() if line.startswith(name))
         assert "ours/timm" in line
+
+
+def test_import_vit_is_light_and_every_public_name_is_there_on_first_use():
+    # the `vit` command relies on the first: torch imports inside its main(), which turns a Ctrl-C into one line
+    code = """
+import sys, types
+import vit
+assert "torch" not in sys.modules, "import vit imported torch"
+from vit.explain import METHODS  # the submodule first: `vit.explain` must stay the function all the same
+assert callable(vit.explain) and not isinstance(vit.explain, types.ModuleType), vit.explain
+for name in vit.__all__:
+    assert getattr(vit, name) is getattr(sys.modules[getattr(vit, name).__module__], name), name
+assert sorted(set(vit.__all__) - set(dir(vit))) == []
+assert vit.data.DigitsDataModule and not hasattr(vit, "no_such_name")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

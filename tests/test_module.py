@@ -195,6 +195,24 @@ def test_num_classes_none_gives_a_new_head_for_the_data(tmp_path):
     assert ViTClassifier.load_from_checkpoint(tmp_path / "m.ckpt").model.num_classes == 10
 
 
+@pytest.mark.parametrize("new_head", [False, True])
+def test_a_head_whose_checkpoint_names_no_classes_is_kept_by_position_and_said_so(tmp_path, new_head, caplog):
+    from safetensors.torch import save_file
+
+    source = vit.VisionTransformer(vit.ViTConfig(**TINY))  # as many classes as digits, but no names: timm's file
+    torch.nn.init.normal_(source.head.weight)
+    save_file(source.state_dict(), tmp_path / "plain.safetensors")
+    options = {"new_head": True} if new_head else {}  # the default keeps it
+    model = tiny(pretrained=str(tmp_path / "plain.safetensors"), lr=0.0, weight_decay=0.0, **options)
+    fit(model, limit_train_batches=1, limit_val_batches=0)
+    same = {k: torch.equal(v, source.state_dict()[k]) for k, v in model.model.state_dict().items()}
+    assert all(v for k, v in same.items() if not k.startswith("head."))  # the body always loads
+    if new_head:
+        assert not same["head.weight"] and "a new 10-class head (new_head)" in caplog.text
+    else:
+        assert same["head.weight"] and "kept the 10-class head" in caplog.text and "--model.new_head" in caplog.text
+
+
 def test_checkpoint_carries_the_vit_contract_in_plain_values(tmp_path):
     model = tiny()
     trainer = fit(model, limit_train_batches=2, limit_val_batches=1)

@@ -101,6 +101,8 @@ class ViTClassifier(L.LightningModule):
         weight_decay: AdamW weight decay; never applied to norms, biases, position embeddings and tokens.
         layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.75): block i gets lr * decay^(depth - i).
         freeze_backbone: train only the head (and the final norm of 'avg' pooling).
+        new_head: start a new head even where `pretrained`'s fits the data (as many classes, and names that match
+            or none): a checkpoint that names no classes otherwise keeps its head, its outputs taken in order.
         label_smoothing: for the cross-entropy (and the Mixup targets).
         mixup_alpha, cutmix_alpha: timm's Mixup/CutMix strengths; 0 turns each off.
         ema_decay: keep an exponential moving average of the weights, used for validation, test and export.
@@ -123,6 +125,7 @@ class ViTClassifier(L.LightningModule):
         min_lr_ratio: float = 0.01,
         layer_decay: float | None = None,
         freeze_backbone: bool = False,
+        new_head: bool = False,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -150,6 +153,7 @@ class ViTClassifier(L.LightningModule):
         source = h.model_name if h.pretrained is True else h.pretrained  # True: the timm tag in model_name
         checkpoint = read_checkpoint(source) if source else None
         self._pretrained_classes = checkpoint.class_names if checkpoint else None  # what its head was trained on
+        self._pretrained_outputs = checkpoint.num_classes if checkpoint else 0  # its head's size (0: no head)
         if h.model_config is None and h.model_name is not None:
             try:  # a pretrained model keeps the checkpoint's head until `setup` matches it to the data
                 return create_model(
@@ -269,12 +273,26 @@ class ViTClassifier(L.LightningModule):
 
     def _match_pretrained_head(self, names: list[str]) -> None:
         """A pretrained head as large as the data's class list, but trained on other names, must not pass for a
-        head of these classes: reorder its rows when the names are the same, else start a new head."""
+        head of these classes: reorder its rows when the names are the same, else start a new head. A head whose
+        checkpoint names no classes is kept by position, and said so (`new_head` starts a new one)."""
         source, self._pretrained_classes = self._pretrained_classes, None  # once, before training starts
+        outputs, self._pretrained_outputs = self._pretrained_outputs, 0
+        if outputs != len(names) or self.model.num_classes != len(names):
+            return  # no head came from the checkpoint, or `_match_classes` replaced it
         hf_default = [f"LABEL_{i}" for i in range(len(names))]  # Hugging Face's marker for "no label names"
-        if not source or list(source) in (names, hf_default) or len(source) != len(names):
+        nameless = not source or list(source) == hf_default
+        if self.hparams.new_head:
+            self.model.reset_classifier(len(names))
+            rank_zero_info(f"vit: a new {len(names)}-class head (new_head), not the head of {self.hparams.pretrained}")
+        elif nameless:  # a plain timm state dict: its head may have been trained on other classes than these
+            rank_zero_info(
+                f"vit: kept the {len(names)}-class head of {self.hparams.pretrained}, which names no classes, as the "
+                f"data's {short_list(names, 5)} in that order; --model.new_head true starts a new head"
+            )
             return
-        if sorted(source) == sorted(names):
+        elif list(source) == names:
+            return
+        elif sorted(source) == sorted(names):
             order = torch.tensor([list(source).index(name) for name in names])
             with torch.no_grad():
                 for p in self.model.head.parameters():

@@ -124,6 +124,15 @@ def test_ema_weights_serve_validation_and_checkpoints(tmp_path):
         assert torch.allclose(exported.eval()(x), model.ema.module(x), atol=1e-6)
 
 
+def test_the_ema_takes_in_every_optimiser_step_including_the_last():
+    model = tiny(ema_decay=0.999, lr=1e-2)  # timm's EMA warmup: the first update copies the weights (decay 0)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    fit(model, limit_train_batches=1, limit_val_batches=0)
+    trained, ema = model.model.state_dict(), model.ema.module.state_dict()
+    assert not torch.equal(trained["head.weight"], before["head.weight"])  # the control: the step moved it
+    assert all(torch.allclose(ema[k], trained[k], atol=1e-7) for k in trained)
+
+
 def test_a_loaded_ema_module_predicts_and_explains_as_its_checkpoint_does(tmp_path):
     model = tiny(ema_decay=0.5, lr=1e-2)
     fit(model, limit_train_batches=3, limit_val_batches=1).save_checkpoint(tmp_path / "ema.ckpt")

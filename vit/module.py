@@ -345,8 +345,11 @@ class ViTClassifier(L.LightningModule):
                         f"(--model.pretrained {ckpt})"
                     )
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.ema is not None:  # once per optimiser step, after it
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser's step, then the EMA's update from the weights it made, as timm's train.py orders them.
+        (`on_before_zero_grad` runs before the step's backward: the EMA would lag a step and miss the last one.)"""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # global_step still counts the steps before this one: 0 copies the first step's
             self.ema.update(self.model, step=self.global_step)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

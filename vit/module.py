@@ -276,17 +276,19 @@ class ViTClassifier(L.LightningModule):
         head of these classes: reorder its rows when the names are the same, else start a new head. A head whose
         checkpoint names no classes is kept by position, and said so (`new_head` starts a new one)."""
         source, self._pretrained_classes = self._pretrained_classes, None  # once, before training starts
+        h = self.hparams
+        origin = h.model_name if h.pretrained is True else h.pretrained  # True: the timm tag in model_name
         outputs, self._pretrained_outputs = self._pretrained_outputs, 0
         if outputs != len(names) or self.model.num_classes != len(names):
             return  # no head came from the checkpoint, or `_match_classes` replaced it
         hf_default = [f"LABEL_{i}" for i in range(len(names))]  # Hugging Face's marker for "no label names"
         nameless = not source or list(source) == hf_default
-        if self.hparams.new_head:
+        if h.new_head:
             self.model.reset_classifier(len(names))
-            rank_zero_info(f"vit: a new {len(names)}-class head (new_head), not the head of {self.hparams.pretrained}")
+            rank_zero_info(f"vit: a new {len(names)}-class head (new_head), not the head of {origin}")
         elif nameless:  # a plain timm state dict: its head may have been trained on other classes than these
             rank_zero_info(
-                f"vit: kept the {len(names)}-class head of {self.hparams.pretrained}, which names no classes, as the "
+                f"vit: kept the {len(names)}-class head of {origin}, which names no classes, as the "
                 f"data's {short_list(names, 5)} in that order; --model.new_head true starts a new head"
             )
             return
@@ -297,11 +299,11 @@ class ViTClassifier(L.LightningModule):
             with torch.no_grad():
                 for p in self.model.head.parameters():
                     p.copy_(p[order])
-            rank_zero_info(f"vit: the head of {self.hparams.pretrained} reordered to the data's class order")
+            rank_zero_info(f"vit: the head of {origin} reordered to the data's class order")
         else:
             self.model.reset_classifier(len(names))
             rank_zero_info(
-                f"vit: a new {len(names)}-class head: {self.hparams.pretrained} was trained on other classes "
+                f"vit: a new {len(names)}-class head: {origin} was trained on other classes "
                 f"({short_list(list(source), 5)})"
             )
         self._prepare_training_parts()

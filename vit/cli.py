@@ -261,13 +261,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attention_parser(sub: argparse._SubParsersAction) -> None:
-    from vit.explain import METHODS
+class _ExplainMethods:
+    """`vit.explain.METHODS`' names as argparse `choices`, looked up only when a parse or a help text needs them:
+    vit.explain imports torch (seconds), which `vit --help` and a mistyped option of any command need not wait for."""
 
+    def __iter__(self) -> Iterator[str]:
+        from vit.explain import METHODS
+
+        return iter(METHODS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in list(self)
+
+
+def _attention_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="draw an attention map of one image: image, map and overlay")
     p.add_argument("image", type=_source, help="an image file")
     _add_checkpoint_options(p)
-    p.add_argument("--method", choices=list(METHODS), help="default: raw with --layer/--head, else rollout")
+    p.add_argument(
+        "--method",
+        choices=_ExplainMethods(),
+        metavar="METHOD",  # argparse would list the choices while building the parser
+        help="%(choices)s; default: raw with --layer/--head, else rollout",
+    )
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
     p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")

@@ -402,3 +402,15 @@ def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_ow
 def test_a_value_of_the_wrong_type_is_its_key_and_reason_not_jsonargparses_union_dump(option, reason, capsys):
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *option]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {reason}"
+
+
+def test_a_warning_said_again_is_shown_once(tmp_path, monkeypatch, capsys):
+    # torch warns of more loader workers than cores at each DataLoader() and again at each iter(): four times here
+    write_image_folder(tmp_path / "photos", ("cat", "dog"), per_class=8, size=32)
+    monkeypatch.setattr(torch._utils, "cpu_count", lambda: 1)  # what torch's check reads: a one-core machine
+    argv = ["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.train_dir", str(tmp_path / "photos")]
+    argv += ["--data.num_workers", "2", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false", *QUICK]
+    argv += ["--model.model_overrides", json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2})]
+    assert main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "worker processes" in line]
+    assert len(warned) == 1 and warned[0].startswith("vit fit: warning: This DataLoader will create 2 worker")

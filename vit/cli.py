@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # vit.weights' CheckpointError is a ValueError; naming it here would import torch before main() can catch a Ctrl-C
 USER_ERRORS = (FileNotFoundError, ValueError)
@@ -359,10 +360,18 @@ def _figure_path(out: str) -> Path:
 def _one_line_warning(command: str) -> Callable[..., None]:
     """A `warnings.showwarning` that prints a warning as one line, as an error is, not Python's two with the
     source line."""
-    # our callbacks' warnings start "vit: " so that they stand out among Lightning's; here the prefix says it
-    return lambda message, *_, **__: print(
-        f"vit {command}: warning: {str(message).removeprefix('vit: ')}", file=sys.stderr
-    )
+    shown: set[str] = set()
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        # our callbacks' warnings start "vit: " so that they stand out among Lightning's; here the prefix says it
+        line = f"vit {command}: warning: {str(message).removeprefix('vit: ')}"
+        # Once each: Python's own once-per-place rule forgets what it showed whenever a filter changes (Lightning
+        # adds some as it runs), so torch's warning of too many workers came once per loader and again at iter()
+        if line not in shown:
+            shown.add(line)
+            print(line, file=sys.stderr)
+
+    return show
 
 
 def __getattr__(name: str) -> type:

@@ -68,11 +68,19 @@ def _lightning_cli_class() -> type:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities import rank_zero_warn
 
     from vit.data import VisionDataModule
     from vit.module import ViTClassifier, other_classes
     from vit.progress import RateLimitedRichProgressBar
-    from vit.resume import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, RNGStateCheckpoint, SayHowToResume
+    from vit.resume import (
+        AtomicCheckpointIO,
+        BestCheckpoint,
+        LastCheckpoint,
+        RNGStateCheckpoint,
+        SayHowToResume,
+        replaced_model_settings,
+    )
     from vit.safety import (
         DropTheRunFolderOfAFailedStart,
         EndAllRanksOnError,
@@ -187,7 +195,27 @@ def _lightning_cli_class() -> type:
             checkpoint = check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
             meta = checkpoint.get("vit") if isinstance(checkpoint, dict) else None
             self.checkpoint_classes = meta.get("class_names") if isinstance(meta, dict) else None
+            model = self.config[subcommand].get("model") if subcommand else None
+            asked = model.as_dict() if model is not None else None
+            # Lightning 2.6 sets every model argument to the checkpoint's hyperparameters, whatever the config
+            # and command line say: say which of theirs are dropped, rather than train or test without a word
             super()._parse_ckpt_path()
+            if asked is None or self.config[subcommand]["model"] is model:
+                return  # no checkpoint, or one without hyperparameters
+            restored = self.config[subcommand]["model"]
+            restored["compile"] = asked["compile"]  # this machine's choice (a GPU run's checkpoint on a CPU)
+            changes = replaced_model_settings(asked, restored.as_dict(), fitting=subcommand == "fit")
+            if changes:
+                ckpt = self.config[subcommand]["ckpt_path"]
+                tail = (
+                    f"to train with new ones, start a new run from its weights (--model.pretrained {ckpt})"
+                    if subcommand == "fit"
+                    else "its model is used as it was trained"
+                )
+                rank_zero_warn(
+                    f"vit: {ckpt} brings its own model settings, which replace these of the config and command "
+                    f"line: {', '.join(changes)}; {tail}"
+                )
 
         def _refuse_other_classes(self) -> None:
             """--ckpt_path on data of other classes: say so, naming both lists, before the checkpoint's model (whose

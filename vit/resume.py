@@ -284,3 +284,43 @@ class SayHowToResume(Callback):
             print(
                 "vit fit: stopped before the first epoch ended; there is no checkpoint to resume from", file=sys.stderr
             )
+
+
+# What --ckpt_path's checkpoint does not decide: its weights replace any starting weights, as a resume is expected
+# to, and compiling is a choice of the machine that runs the command, not part of the run
+NOT_THE_CHECKPOINTS = ("pretrained", "compile")
+ARCHITECTURE = ("model_name", "model_overrides", "model_config", "img_size", "num_classes")
+
+
+def replaced_model_settings(asked: dict[str, Any], restored: dict[str, Any], fitting: bool) -> list[str]:
+    """The model settings of the config and command line (`asked`) that LightningCLI replaced with those of
+    --ckpt_path's checkpoint (`restored`), each as 'key value (the checkpoint's: value)': the architecture's fields
+    always, and the training settings (lr, warmup_epochs, mixup_alpha ...) when fitting."""
+    from vit.factory import model_config
+    from vit.model import ViTConfig
+
+    changes = []
+    saved = ViTConfig.from_dict(restored["model_config"]).to_dict() if restored.get("model_config") else None
+    if saved is not None:
+        wanted: dict[str, Any] = {}
+        if asked.get("model_config"):
+            wanted = dict(asked["model_config"])
+        elif asked.get("model_name"):
+            wanted = model_config(asked["model_name"]).to_dict()
+            wanted.pop("num_classes")  # a name's default head (timm's 1000); None follows the data
+        wanted |= dict(asked.get("model_overrides") or {})
+        wanted |= {k: asked[k] for k in ("img_size", "num_classes") if asked.get(k) is not None}
+        merged = ViTConfig.from_dict({**saved, **wanted}).to_dict()
+        changes += [f"{k} {merged[k]} (the checkpoint's: {saved[k]})" for k in saved if merged[k] != saved[k]]
+    if fitting:
+        for key, value in asked.items():
+            if key in ARCHITECTURE or key in NOT_THE_CHECKPOINTS or key not in restored:
+                continue
+            if _plain(value) != _plain(restored[key]):
+                changes.append(f"{key} {_plain(value)} (the checkpoint's: {_plain(restored[key])})")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that (0.9, 0.999) from a YAML file equals [0.9, 0.999] from a checkpoint."""
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,68 @@
+"""`--ckpt_path` with options other than the run's: LightningCLI (2.6) replaces every model argument with the
+checkpoint's hyperparameters, so each one it drops is named; compiling follows the command, not the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import _cli
+import pytest
+import torch
+
+from vit.cli import main
+from vit.model import VisionTransformer
+
+TINY = [*_cli.TINY_DIGITS, "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1"]
+LAST = "runs/digits/version_0/checkpoints/last.ckpt"
+
+
+@pytest.fixture
+def finished_run(tmp_path, monkeypatch, capsys) -> str:
+    """A one-epoch digits run in tmp_path; its last.ckpt's path."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1"]) == 0
+    capsys.readouterr()
+    return LAST
+
+
+def replaced(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "brings its own model settings" in line]
+
+
+def test_resuming_with_other_model_settings_names_each_one_the_checkpoint_replaces(finished_run, capsys):
+    deeper = json.dumps({"in_chans": 1, "embed_dim": 16, "depth": 2, "num_heads": 2})
+    options = ["--model.lr", "0.01", "--model.model_overrides", deeper, "--model.mixup_alpha", "0.8"]
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run, *options]) == 0
+    lines = replaced(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"vit fit: warning: {finished_run} ")
+    for change in ("depth 2 (the checkpoint's: 1)", "lr 0.01 (the checkpoint's: 0.003)", "mixup_alpha 0.8"):
+        assert change in lines[0]
+    assert f"--model.pretrained {finished_run}" in lines[0]
+    resumed = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["hyper_parameters"]["lr"] == 0.003 and resumed["global_step"] == 6  # as the warning says
+
+
+def test_resuming_with_the_runs_own_settings_says_nothing_of_them(finished_run, capsys):
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run]) == 0
+    assert not replaced(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_evaluating_names_only_the_architecture_it_replaces(finished_run, capsys, command):
+    assert main([command, *TINY, "--ckpt_path", finished_run, "--model.lr", "0.5"]) == 0
+    assert not replaced(capsys.readouterr().err)  # training settings do not matter to an evaluation
+    assert main([command, *TINY, "--ckpt_path", finished_run, "--model.img_size", "32"]) == 0
+    lines = replaced(capsys.readouterr().err)
+    assert len(lines) == 1 and "img_size 32 (the checkpoint's: 16)" in lines[0]
+
+
+def test_compiling_follows_the_command_not_the_checkpoint(finished_run, monkeypatch, capsys):
+    checkpoint = torch.load(finished_run, weights_only=True)
+    checkpoint["hyper_parameters"]["compile"] = True  # as a GPU run with --model.compile true writes it
+    torch.save(checkpoint, finished_run)
+    compiled = []
+    monkeypatch.setattr(VisionTransformer, "compile", lambda self, **kw: compiled.append(kw), raising=False)
+    assert main(["validate", *TINY, "--ckpt_path", finished_run]) == 0  # digits.yaml: compile false
+    assert compiled == [] and not replaced(capsys.readouterr().err)
+    assert main(["validate", *TINY, "--ckpt_path", finished_run, "--model.compile", "true"]) == 0
+    assert compiled == [{"backend": "inductor"}]

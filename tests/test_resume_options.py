@@ -66,3 +66,25 @@ def test_compiling_follows_the_command_not_the_checkpoint(finished_run, monkeypa
     assert compiled == [] and not replaced(capsys.readouterr().err)
     assert main(["validate", *TINY, "--ckpt_path", finished_run, "--model.compile", "true"]) == 0
     assert compiled == [{"backend": "inductor"}]
+
+
+@pytest.mark.parametrize("command,which", [("validate", "last"), ("test", "best"), ("fit", "last")])
+def test_ckpt_path_last_or_best_in_a_new_process_is_the_latest_runs_checkpoint(
+    finished_run, capsys, caplog, command, which
+):
+    # Lightning looks for them in this command's own new run folder only, finds none, and goes on untrained
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1"]) == 0  # version_1, the latest run with checkpoints
+    more = ["--trainer.max_epochs", "2"] if command == "fit" else []
+    caplog.clear()
+    assert main([command, *TINY, "--ckpt_path", which, *more]) == 0
+    assert f"checkpoint path at runs/digits/version_1/checkpoints/{which}.ckpt" in caplog.text
+    assert "no last checkpoint available" not in capsys.readouterr().err
+
+
+def test_ckpt_path_last_without_a_run_is_one_line_naming_where_it_looked(finished_run, capsys):
+    assert main(["validate", *TINY, "--trainer.logger.init_args.name", "other", "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "vit validate: error: --ckpt_path last: no runs/other/version_*/checkpoints/last.ckpt (the runs of this "
+        "config's logger); give the checkpoint's path"
+    )

@@ -79,6 +79,7 @@ def _lightning_cli_class() -> type:
         LastCheckpoint,
         RNGStateCheckpoint,
         SayHowToResume,
+        latest_run_checkpoint,
         replaced_model_settings,
     )
     from vit.safety import (
@@ -192,6 +193,10 @@ def _lightning_cli_class() -> type:
         def _parse_ckpt_path(self) -> None:
             """Refuse an unsafe --ckpt_path in one line before LightningCLI reads its hyperparameters."""
             subcommand = self.config.get("subcommand")
+            which = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if which in ("last", "best"):  # Lightning's shortcuts, which find nothing in a new process's run folder
+                found = latest_run_checkpoint(self.config[subcommand]["trainer"].get("logger"), which)
+                self.config[subcommand]["ckpt_path"] = str(found)
             checkpoint = check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
             meta = checkpoint.get("vit") if isinstance(checkpoint, dict) else None
             self.checkpoint_classes = meta.get("class_names") if isinstance(meta, dict) else None

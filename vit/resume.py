@@ -324,3 +324,19 @@ def replaced_model_settings(asked: dict[str, Any], restored: dict[str, Any], fit
 def _plain(value: Any) -> Any:
     """Tuples as lists, so that (0.9, 0.999) from a YAML file equals [0.9, 0.999] from a checkpoint."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def latest_run_checkpoint(logger: Any, which: str) -> Path:
+    """`--ckpt_path last|best` from a new process: `<save_dir>/<name>/version_N/checkpoints/<which>.ckpt` of the
+    highest N that has one, in the folders of the config's logger (a `{class_path, init_args}` mapping).
+    Lightning looks only in this run's own, new folder, and then trains or evaluates an untrained model."""
+    init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+    root = Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs")
+    runs = [(int(p.name.removeprefix("version_")), p) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    for _, run in sorted(runs, reverse=True):
+        if (path := run / "checkpoints" / f"{which}.ckpt").is_file():
+            return path
+    raise FileNotFoundError(
+        f"--ckpt_path {which}: no {root}/version_*/checkpoints/{which}.ckpt (the runs of this config's logger); "
+        f"give the checkpoint's path"
+    )

@@ -4,6 +4,7 @@ checkpoint's hyperparameters, so each one it drops is named; compiling follows t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import _cli
 import pytest
@@ -88,3 +89,14 @@ def test_ckpt_path_last_without_a_run_is_one_line_naming_where_it_looked(finishe
         "vit validate: error: --ckpt_path last: no runs/other/version_*/checkpoints/last.ckpt (the runs of this "
         "config's logger); give the checkpoint's path"
     )
+
+
+def test_resuming_a_run_that_already_reached_max_epochs_says_so_and_leaves_no_empty_folder(finished_run, capsys):
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1", "--ckpt_path", finished_run]) == 0  # as Lightning: 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if "nothing was trained" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"vit fit: warning: {finished_run} has already reached ")
+    assert "--trainer.max_epochs 1 (1 epoch, 3 steps)" in notes[0] and f"--model.pretrained {finished_run}" in notes[0]
+    assert not Path("runs/digits/version_1").exists()  # only its config.yaml and hparams.yaml: removed
+    assert "run folder:" not in out and "final metrics" not in out  # no empty report
+    assert f"last {finished_run}" in out  # the checkpoints it holds are still the run's own

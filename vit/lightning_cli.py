@@ -80,6 +80,7 @@ def _lightning_cli_class() -> type:
         RNGStateCheckpoint,
         SayHowToResume,
         latest_run_checkpoint,
+        nothing_left_to_train,
         replaced_model_settings,
     )
     from vit.safety import (
@@ -88,6 +89,7 @@ def _lightning_cli_class() -> type:
         StopOnNonFiniteLoss,
         WarnIfHalfPrecisionIsSlow,
         check_checkpoint,
+        drop_a_run_folder_that_only_started,
     )
 
     class BriefErrorsParser(LightningArgumentParser):
@@ -114,6 +116,7 @@ def _lightning_cli_class() -> type:
 
         def __init__(self, args: list[str]):
             self.checkpoint_classes: list[str] | None = None  # the class names of --ckpt_path's checkpoint
+            self.resumed_step: int | None = None  # the global step --ckpt_path's checkpoint holds
             super().__init__(
                 ViTClassifier,
                 VisionDataModule,
@@ -200,6 +203,7 @@ def _lightning_cli_class() -> type:
             checkpoint = check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
             meta = checkpoint.get("vit") if isinstance(checkpoint, dict) else None
             self.checkpoint_classes = meta.get("class_names") if isinstance(meta, dict) else None
+            self.resumed_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
             model = self.config[subcommand].get("model") if subcommand else None
             asked = model.as_dict() if model is not None else None
             # Lightning 2.6 sets every model argument to the checkpoint's hyperparameters, whatever the config
@@ -274,7 +278,13 @@ def _lightning_cli_class() -> type:
             run_folder = trainer.log_dir  # every rank: under DDP this is a broadcast from rank 0
             if not trainer.is_global_zero:  # one report per run, not one per process
                 return
-            print(f"run folder: {run_folder}")
+            if fitted and self.resumed_step is not None and trainer.global_step == self.resumed_step:
+                # Lightning only logs that the loop is done: say why, and how to go on, and leave no empty folder
+                rank_zero_warn(nothing_left_to_train(self.config["fit"]["ckpt_path"], trainer))
+                if drop_a_run_folder_that_only_started(run_folder):
+                    run_folder = None
+            if run_folder:
+                print(f"run folder: {run_folder}")
             if fitted:
                 if self.last_checkpoint is None:
                     print("checkpoints: none (--trainer.enable_checkpointing false)")
@@ -282,7 +292,8 @@ def _lightning_cli_class() -> type:
                     best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
                     print(f"checkpoints: best {best}  last {last}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
-                print("final metrics: " + "  ".join(f"{k} {_format_metric(v)}" for k, v in metrics.items()))
+                if metrics:
+                    print("final metrics: " + "  ".join(f"{k} {_format_metric(v)}" for k, v in metrics.items()))
 
     return ViTLightningCLI
 

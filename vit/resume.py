@@ -340,3 +340,20 @@ def latest_run_checkpoint(logger: Any, which: str) -> Path:
         f"--ckpt_path {which}: no {root}/version_*/checkpoints/{which}.ckpt (the runs of this config's logger); "
         f"give the checkpoint's path"
     )
+
+
+def nothing_left_to_train(ckpt: str, trainer: L.Trainer) -> str:
+    """The warning for `vit fit --ckpt_path` of a run that already reached this command's end: which limit, and
+    how to go on."""
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        limit = f"--trainer.max_epochs {trainer.max_epochs}"
+    elif 0 <= trainer.max_steps <= trainer.global_step:
+        limit = f"--trainer.max_steps {trainer.max_steps}"
+    else:
+        limit = "the end of this run"
+    epochs = f"{trainer.current_epoch} epoch{'s' * (trainer.current_epoch != 1)}"
+    return (
+        f"vit: {ckpt} has already reached {limit} ({epochs}, {trainer.global_step} steps): "
+        f"nothing was trained; to train longer, raise it (the restored LR schedule stays at its floor) or start a "
+        f"new run from its weights (--model.pretrained {ckpt})"
+    )

@@ -69,14 +69,21 @@ class DropTheRunFolderOfAFailedStart(Callback):
         if not trainer.is_global_zero or trainer.global_step or trainer.logger is None:
             return
         log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: a collective, here after a failure
-        folder = Path(log_dir) if log_dir else None
-        if folder is None or not folder.is_dir():
-            return
-        names = {f.name for f in folder.iterdir()}
-        if names <= self.START_FILES:
-            for name in names:
-                (folder / name).unlink()
-            folder.rmdir()
+        drop_a_run_folder_that_only_started(log_dir)
+
+
+def drop_a_run_folder_that_only_started(log_dir: str | None) -> bool:
+    """Remove a run folder that holds only the files a start writes (config.yaml, hparams.yaml); whether it did."""
+    folder = Path(log_dir) if log_dir else None
+    if folder is None or not folder.is_dir():
+        return False
+    names = {f.name for f in folder.iterdir()}
+    if not names <= DropTheRunFolderOfAFailedStart.START_FILES:
+        return False
+    for name in names:
+        (folder / name).unlink()
+    folder.rmdir()
+    return True
 
 
 class EndAllRanksOnError(Callback):

@@ -100,3 +100,15 @@ def test_resuming_a_run_that_already_reached_max_epochs_says_so_and_leaves_no_em
     assert not Path("runs/digits/version_1").exists()  # only its config.yaml and hparams.yaml: removed
     assert "run folder:" not in out and "final metrics" not in out  # no empty report
     assert f"last {finished_run}" in out  # the checkpoints it holds are still the run's own
+
+
+def test_a_resumed_run_that_fails_before_its_first_new_step_leaves_no_run_folder(finished_run, monkeypatch, capsys):
+    from vit.module import ViTClassifier
+
+    def fails(self, batch, batch_idx):
+        raise ValueError("a fault in the first step")
+
+    monkeypatch.setattr(ViTClassifier, "training_step", fails)
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "vit fit: error: a fault in the first step"
+    assert not Path("runs/digits/version_1").exists()  # the resumed step is the checkpoint's, not one of its own

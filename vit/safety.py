@@ -65,8 +65,16 @@ class DropTheRunFolderOfAFailedStart(Callback):
 
     START_FILES = frozenset({"config.yaml", "hparams.yaml"})
 
+    def __init__(self) -> None:
+        self._first_step: int | None = None  # where training began: 0, or the step a resumed checkpoint holds
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not trainer.is_global_zero or trainer.global_step or trainer.logger is None:
+        # before training began, any step is the checkpoint's (--ckpt_path restores it ahead of on_train_start)
+        first = trainer.global_step if self._first_step is None else self._first_step
+        if not trainer.is_global_zero or trainer.global_step != first or trainer.logger is None:
             return
         log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: a collective, here after a failure
         drop_a_run_folder_that_only_started(log_dir)

@@ -269,10 +269,7 @@ class _ExplainMethods:
     def __iter__(self) -> Iterator[str]:
         from vit.explain import METHODS
 
-        return iter(METHODS)
-
-    def __contains__(self, name: object) -> bool:
-        return name in list(self)
+        return iter(METHODS)  # `in` and argparse's listing both iterate
 
 
 def _attention_parser(sub: argparse._SubParsersAction) -> None:

@@ -147,10 +147,16 @@ class ViTClassifier(L.LightningModule):
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model.cfg.in_chans, *model.cfg.img_hw)}
         return model
 
+    @property
+    def _pretrained_source(self) -> Any:
+        """Where the starting weights come from: `pretrained`, or with `pretrained: true` the timm tag in model_name."""
+        h = self.hparams
+        return h.model_name if h.pretrained is True else h.pretrained
+
     def _make_model(self) -> VisionTransformer:
         h = self.hparams
         overrides = dict(h.model_overrides or {})
-        source = h.model_name if h.pretrained is True else h.pretrained  # True: the timm tag in model_name
+        source = self._pretrained_source
         checkpoint = read_checkpoint(source) if source else None
         self._pretrained_classes = checkpoint.class_names if checkpoint else None  # what its head was trained on
         self._pretrained_outputs = checkpoint.num_classes if checkpoint else 0  # its head's size (0: no head)
@@ -276,14 +282,13 @@ class ViTClassifier(L.LightningModule):
         head of these classes: reorder its rows when the names are the same, else start a new head. A head whose
         checkpoint names no classes is kept by position, and said so (`new_head` starts a new one)."""
         source, self._pretrained_classes = self._pretrained_classes, None  # once, before training starts
-        h = self.hparams
-        origin = h.model_name if h.pretrained is True else h.pretrained  # True: the timm tag in model_name
+        origin = self._pretrained_source
         outputs, self._pretrained_outputs = self._pretrained_outputs, 0
         if outputs != len(names) or self.model.num_classes != len(names):
             return  # no head came from the checkpoint, or `_match_classes` replaced it
         hf_default = [f"LABEL_{i}" for i in range(len(names))]  # Hugging Face's marker for "no label names"
         nameless = not source or list(source) == hf_default
-        if h.new_head:
+        if self.hparams.new_head:
             self.model.reset_classifier(len(names))
             rank_zero_info(f"vit: a new {len(names)}-class head (new_head), not the head of {origin}")
         elif nameless:  # a plain timm state dict: its head may have been trained on other classes than these

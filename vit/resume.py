@@ -332,7 +332,7 @@ def latest_run_checkpoint(logger: Any, which: str) -> Path:
     Lightning looks only in this run's own, new folder, and then trains or evaluates an untrained model."""
     init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
     root = Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs")
-    runs = [(int(p.name.removeprefix("version_")), p) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    runs = [(int(n), p) for p in root.glob("version_*") if (n := p.name.removeprefix("version_")).isdigit()]
     for _, run in sorted(runs, reverse=True):
         if (path := run / "checkpoints" / f"{which}.ckpt").is_file():
             return path

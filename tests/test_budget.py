@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Callback
 import vit.budget
 from vit.budget import TimeBudget
 from vit.data import DigitsDataModule
-from vit.module import ViTClassifier, WarmupCosine
+from vit.module import ViTClassifier
+from vit.schedule import WarmupCosine
 
 TINY = dict(img_size=8, in_chans=1, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=10)
 BATCHES = 4  # per epoch

@@ -192,8 +192,24 @@ def test_resuming_with_more_epochs_says_the_restored_schedule_ends_sooner(tmp_pa
     err = capsys.readouterr().err
     assert "dirpath has changed" not in err  # the resumed run's own folder: Lightning's note is noise
     warnings = [line for line in err.splitlines() if "LR schedule" in line]
-    assert len(warnings) == 1 and f"resumed from {last} was planned for 3 steps and this run has 6" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and f"resumed from {last} was planned to end at step 3 and this run ends at step 6" in (warnings[0])
+    )
     assert "floor after step 3" in warnings[0] and f"--model.pretrained {last}" in warnings[0]
+
+
+def test_the_resumed_schedule_warning_counts_the_steps_done_at_the_old_epoch_size(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0  # 3 steps
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    # one more epoch of 2 batches: steps 3 and 4, so training ends at step 5 (not 2 epochs x 2 = 4)
+    resumed = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--ckpt_path", last]
+    assert main(["fit", *TINY_DIGITS, *resumed]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "LR schedule" in line]
+    assert len(warnings) == 1 and "planned to end at step 3 and this run ends at step 5" in warnings[0], warnings
+    final = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert final["global_step"] == 5  # the step the warning named
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

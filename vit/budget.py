@@ -3,7 +3,7 @@
 Lightning's `max_time` stops a run wherever it is, with the learning rate still high. This callback instead
 measures how long a training step and a validation take, plans the whole epochs that still fit before the
 deadline plus as many steps of one more epoch as fit with its validation, and ends the warmup + cosine schedule
-(`vit.module.WarmupCosine`) at that step, so the weights at the deadline are annealed. It re-plans after every
+(`vit.schedule.WarmupCosine`) at that step, so the weights at the deadline are annealed. It re-plans after every
 epoch (the first one pays for compilation and warm-up); the last epoch stops at the planned step and is then
 validated as usual. When an epoch overruns the deadline anyway, it stops there. It needs an epoch or two to
 measure: when the first epoch already leaves no room, the run ends after it with the learning rate still high.
@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from vit.module import WarmupCosine, warn_warmup_outlasts_the_run
+from vit.schedule import WarmupCosine, steps_per_epoch, warn_warmup_outlasts_the_run
 
 
 class TimeBudget(Callback):
@@ -66,15 +66,15 @@ class TimeBudget(Callback):
         now = time.monotonic()
         epoch_s, left_s = now - self.epoch_started, self.deadline - now
         steps = trainer.global_step - self.epoch_first_step
-        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        per_epoch = steps_per_epoch(trainer)
         done = trainer.current_epoch + 1
         whole = max(0, math.floor(left_s / max(epoch_s, 1e-9)))  # epochs, each with its validation
         step_s = max(epoch_s - self.validation_s, 1e-9) / max(steps, 1)
         extra = math.floor((left_s - whole * epoch_s - self.validation_s) / step_s)  # steps of one more epoch
-        extra = min(max(extra, 0), steps_per_epoch - 1)
+        extra = min(max(extra, 0), per_epoch - 1)
         if self.most_epochs and done + whole >= self.most_epochs:
             whole, extra = self.most_epochs - done, 0
-        plan = [done + whole + (extra > 0), trainer.global_step + whole * steps_per_epoch + extra]
+        plan = [done + whole + (extra > 0), trainer.global_step + whole * per_epoch + extra]
         epochs, total_steps = (int(n) for n in trainer.strategy.broadcast(plan, src=0))  # one plan for all ranks
         warmup = 0
         self.stop_at_step = total_steps if extra > 0 else None

@@ -4,8 +4,6 @@ LR decay, warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -13,7 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -28,37 +26,16 @@ from vit.factory import create_model
 from vit.flops import counting_cpu_attention
 from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
+from vit.schedule import (
+    WarmupCosine,
+    steps_per_epoch,
+    time_budgeted,
+    warn_resumed_schedule_misfits,
+    warn_warmup_outlasts_the_run,
+)
 from vit.weights import read_checkpoint, transfer_weights
 
 TRAINABLE_WHEN_FROZEN = ("head.", "fc_norm.")  # a frozen backbone still trains the classifier
-
-
-@dataclass
-class WarmupCosine:
-    """LR multiplier for LambdaLR: linear warmup to 1 over `warmup` steps, then cosine down to `floor` at `total`.
-    An object rather than a closure, so that its fields live in the scheduler's state dict and a schedule that
-    `vit.budget.TimeBudget` shortened resumes shortened."""
-
-    warmup: int
-    total: float
-    floor: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if not math.isfinite(self.total):  # no known end (time-limited run): hold the peak
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1.0, self.total - self.warmup))
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warn_warmup_outlasts_the_run(warmup_epochs: float, warmup: int, total: float) -> None:
-    """A run no longer than its warmup (a quick `--trainer.max_epochs 2` of a config that warms up for 3) ends with
-    the LR still rising, and so with weights that were never annealed: worth a line, since nothing else shows it."""
-    rank_zero_warn(
-        f"vit: warmup_epochs {warmup_epochs:g} ({warmup} steps) lasts the whole run ({total:.0f} steps): the LR is "
-        f"still rising when training ends and never decays; lower --model.warmup_epochs"
-    )
 
 
 class CountCpuAttentionInTheSummary(Callback):
@@ -333,24 +310,7 @@ class ViTClassifier(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        """A resumed run whose length differs from the one its LR schedule was planned for (a larger max_epochs,
-        say) keeps the restored schedule: say so, since the LR would otherwise sit at its floor unannounced."""
-        ckpt, planned = self.trainer.ckpt_path, float(self.trainer.estimated_stepping_batches)
-        if not ckpt or not math.isfinite(planned) or _time_budgeted(self.trainer):
-            return  # a fresh schedule, no known end, or one that TimeBudget plans as it goes
-        for config in self.trainer.lr_scheduler_configs:
-            for schedule in getattr(config.scheduler, "lr_lambdas", []):
-                if isinstance(schedule, WarmupCosine) and schedule.total != planned:
-                    after = (
-                        f"the LR stays at its floor after step {schedule.total:.0f}"
-                        if planned > schedule.total
-                        else f"it ends at step {planned:.0f}, before the LR has come down"
-                    )
-                    rank_zero_warn(
-                        f"vit: the LR schedule resumed from {ckpt} was planned for {schedule.total:.0f} steps and this "
-                        f"run has {planned:.0f}: {after}; for a schedule of its own, start a new run from its weights "
-                        f"(--model.pretrained {ckpt})"
-                    )
+        warn_resumed_schedule_misfits(self.trainer)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimiser's step, then the EMA's update from the weights it made, as timm's train.py orders them.
@@ -401,10 +361,9 @@ class ViTClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
         total = self.trainer.estimated_stepping_batches
-        per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-        warmup = max(1, round(self.hparams.warmup_epochs * per_epoch))
+        warmup = max(1, round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer)))
         schedule = WarmupCosine(warmup, float(total), self.hparams.min_lr_ratio)
-        if warmup >= total and not _time_budgeted(self.trainer) and not self.trainer.fast_dev_run:
+        if warmup >= total and not time_budgeted(self.trainer) and not self.trainer.fast_dev_run:
             warn_warmup_outlasts_the_run(self.hparams.warmup_epochs, warmup, total)
         return {
             "optimizer": optimizer,
@@ -450,13 +409,6 @@ class ViTClassifier(L.LightningModule):
         self.data_config = meta.get("data_config")
         if self.data_config:  # a data module set up later (a test of a loaded module) reads the trained preprocessing
             self.model.pretrained_cfg = {**self.model.pretrained_cfg, **self.data_config}
-
-
-def _time_budgeted(trainer: L.Trainer) -> bool:
-    """Whether `vit.budget.TimeBudget` plans this run's schedule as it goes, so its length is not yet known."""
-    from vit.budget import TimeBudget  # here: vit.budget imports this module
-
-    return any(isinstance(c, TimeBudget) for c in trainer.callbacks)
 
 
 def other_classes(checkpoint: str, saved: list[str], names: list[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import timm
@@ -80,6 +81,17 @@ def test_a_checkpoint_of_another_width_says_both_widths_before_the_keys(tmp_path
         vit.CheckpointError, match=r"\(the checkpoint: width 384, depth 2; the model: width 384, depth 3"
     ):
         vit.create_model("vit_small_patch16_224", pretrained=path, depth=3)
+
+
+def test_a_checkpoint_that_does_not_fit_gets_its_error_without_a_note_about_its_head(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file(timm.create_model("vit_small_patch16_224", depth=2, num_classes=10).state_dict(), str(path))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(vit.CheckpointError, match="does not fit"):
+        warnings.simplefilter("always")
+        vit.create_model("vit_tiny_patch16_224", pretrained=path, depth=2, num_classes=5)
+    assert [str(w.message) for w in caught if "head" in str(w.message)] == []
+    with pytest.warns(UserWarning, match=r"head \(10 classes\) does not fit the model's \(5 classes\)"):
+        vit.create_model("vit_small_patch16_224", pretrained=path, depth=2, num_classes=5)  # fits but for its head
 
 
 @pytest.mark.parametrize("content", [b"hello, I am notes\n", b"\x89PNG\r\n\x1a\n not really"])

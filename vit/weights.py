@@ -294,13 +294,6 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
     head, model_head = state.get("head.weight"), expected.get("head.weight")
     new_head = (head is None) != (model_head is None) or (head is not None and head.shape[0] != model_head.shape[0])
     if new_head:  # another class count, or a backbone without a head: the body loads, the head does not
-        n = 0 if head is None else head.shape[0]
-        fresh = "; the model's new head needs training" if model_head is not None else ""
-        warnings.warn(
-            f"{source}: the checkpoint's head ({n} classes) does not fit the model's ({cfg.num_classes} classes) "
-            f"and was not loaded{fresh}",
-            stacklevel=3,
-        )
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
 
     missing = [k for k in expected if k not in state and not (new_head and k.startswith("head."))]
@@ -317,6 +310,14 @@ def transfer_weights(model: VisionTransformer, checkpoint: Checkpoint, *, strict
             if keys
         ]
         raise CheckpointError(f"{source} does not fit the model{_shape_note(state, cfg)}; " + "; ".join(parts))
+    if new_head:  # said once the body is known to fit: a checkpoint that fits nowhere gets its error alone
+        n = 0 if head is None else head.shape[0]
+        fresh = "; the model's new head needs training" if model_head is not None else ""
+        warnings.warn(
+            f"{source}: the checkpoint's head ({n} classes) does not fit the model's ({cfg.num_classes} classes) "
+            f"and was not loaded{fresh}",
+            stacklevel=3,
+        )
     state = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(state, strict=False)
     if checkpoint.data_config:

@@ -262,14 +262,9 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ExplainMethods:
-    """`vit.explain.METHODS`' names as argparse `choices`, looked up only when a parse or a help text needs them:
-    vit.explain imports torch (seconds), which `vit --help` and a mistyped option of any command need not wait for."""
-
-    def __iter__(self) -> Iterator[str]:
-        from vit.explain import METHODS
-
-        return iter(METHODS)  # `in` and argparse's listing both iterate
+# `vit.explain.METHODS`' names (a test holds them equal), here because vit.explain imports torch (seconds), which
+# `vit attention --help` and a mistyped method need not wait for
+ATTENTION_METHODS = ("raw", "rollout", "grad_rollout", "chefer")
 
 
 def _attention_parser(sub: argparse._SubParsersAction) -> None:
@@ -278,8 +273,8 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     _add_checkpoint_options(p)
     p.add_argument(
         "--method",
-        choices=_ExplainMethods(),
-        metavar="METHOD",  # argparse would list the choices while building the parser
+        choices=ATTENTION_METHODS,
+        metavar="METHOD",
         help="%(choices)s; default: raw with --layer/--head, else rollout",
     )
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")

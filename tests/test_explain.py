@@ -143,9 +143,9 @@ def test_record_attention_maps_equal_attention_computed_from_the_weights():
 def test_record_attention_maps_equal_timm_explicit_attention_in_every_block():
     model = peaked(small_cfg(reg_tokens=2, no_embed_class=True, qk_norm=True))
     params = inspect.signature(timm_vit.VisionTransformer.__init__).parameters
-    ref = timm_vit.VisionTransformer(**{k: v for k, v in model.cfg.to_dict().items() if k in params})
+    ref = timm_vit.VisionTransformer(**{k: v for k, v in model.cfg.to_dict().items() if k in params}).double()
     ref.load_state_dict(model.state_dict())
-    ref = ref.double().eval()
+    ref = ref.eval()
     expected = []
     for block in ref.blocks:
         block.attn.fused_attn = False  # timm's explicit path hands the probabilities to attn_drop
@@ -190,6 +190,19 @@ def test_record_attention_restores_hooks_and_checkpointing_after_an_error():
         raise RuntimeError("boom")
     assert [b.attn.attn_hook for b in model.blocks] == [None, mine, None]
     assert model.grad_checkpointing
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_gradient_methods_give_the_same_maps_under_no_grad_and_inference_mode(method):
+    model = peaked(small_cfg())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    expected = vit.explain(model, x, method)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.explain(model, x, method), expected)
+    with torch.inference_mode():
+        made_here = x.clone()  # an inference tensor, which cannot require grad itself
+        torch.testing.assert_close(vit.explain(model, made_here, method), expected)
+    torch.testing.assert_close(vit.explain(model, made_here, method), expected)
 
 
 # --------------------------------------------------------------------------------------------- maps

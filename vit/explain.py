@@ -16,7 +16,7 @@ so register tokens and the class token never appear in a map.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -207,14 +207,18 @@ def attention_and_grads(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
     """One forward pass (eval mode): the detached maps, their gradients w.r.t. the target logits (summed over
     the batch, which keeps images independent) and the logits."""
-    with eval_mode(model), record_attention(model) as rec, torch.set_grad_enabled(grads):
-        # The input carries the graph, so gradients reach the maps even when the weights are frozen.
-        logits = model(x.detach().requires_grad_(grads))
-    if grads:
-        score = logits.gather(1, resolve_targets(logits, target)[:, None]).sum()
-        g = torch.autograd.grad(score, rec.maps, allow_unused=True)
-        grad_list = [torch.zeros_like(a) if gi is None else gi for a, gi in zip(rec.maps, g)]
-    return [a.detach() for a in rec.maps], (grad_list if grads else None), logits.detach()
+    grad_list = None
+    # Autograd is on for the whole pass and the target's score, also under torch.no_grad() or inference_mode().
+    autograd = torch.inference_mode(False) if grads else nullcontext()
+    with eval_mode(model), record_attention(model) as rec, autograd, torch.set_grad_enabled(grads):
+        # The input carries the graph, so gradients reach the maps even when the weights are frozen (a clone of
+        # a tensor made under inference_mode can require grad; the tensor itself cannot).
+        logits = model((x.clone() if x.is_inference() else x.detach()).requires_grad_(grads))
+        if grads:
+            score = logits.gather(1, resolve_targets(logits, target)[:, None]).sum()
+            g = torch.autograd.grad(score, rec.maps, allow_unused=True)
+            grad_list = [torch.zeros_like(a) if gi is None else gi for a, gi in zip(rec.maps, g)]
+    return [a.detach() for a in rec.maps], grad_list, logits.detach()
 
 
 def readout(matrix: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:

@@ -192,6 +192,87 @@ def test_record_attention_restores_hooks_and_checkpointing_after_an_error():
     assert model.grad_checkpointing
 
 
+# ------------------------------------------------- against reference implementations on timm's attention
+def _timm_oracle(model: vit.VisionTransformer, x: torch.Tensor, target: torch.Tensor | None = None):
+    """timm's model on the same weights, explicit attention: its probabilities (at attn_drop's input) and, when
+    `target` is given, their gradients of the sum of the target logits."""
+    params = inspect.signature(timm_vit.VisionTransformer.__init__).parameters
+    ref = timm_vit.VisionTransformer(**{k: v for k, v in model.cfg.to_dict().items() if k in params}).double()
+    ref.load_state_dict(model.state_dict())  # float64 weights into float64 parameters, not rounded to float32
+    ref = ref.eval()
+    maps = []
+    for block in ref.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0]))
+    with torch.set_grad_enabled(target is not None):
+        logits = ref(x)
+    if target is None:
+        return maps, None
+    grads = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), maps)
+    return [a.detach() for a in maps], list(grads)
+
+
+def _reference_map(joint: torch.Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The class token's row of a token-to-token matrix, patches only, upsampled (bilinear) and min-max scaled."""
+    m = torch.nn.functional.interpolate(joint[:, 0, prefix:].reshape(-1, 1, *grid), size=size, mode="bilinear")
+    return _minmax(m[:, 0])
+
+
+def _reference_rollout(maps, fusion="mean", discard_ratio=0.0):
+    """Abnar & Zuidema 2020 (A + I, rows normalised, A_L ... A_1), heads fused and the weakest weights of each image
+    zeroed first as in jacobgil/vit-explain; one image and one block at a time."""
+    B, _, N, _ = maps[0].shape
+    out = []
+    for b in range(B):
+        joint = torch.eye(N, dtype=maps[0].dtype)
+        for attn in maps:
+            a = {"mean": attn[b].mean(0), "max": attn[b].max(0).values, "min": attn[b].min(0).values}[fusion]
+            flat = a.flatten().clone()
+            flat[flat.argsort()[: int(N * N * discard_ratio)]] = 0
+            a = flat.view(N, N) + torch.eye(N, dtype=a.dtype)
+            joint = (a / a.sum(-1, keepdim=True)) @ joint
+        out.append(joint)
+    return torch.stack(out)
+
+
+def _reference_grad_rollout(maps, grads):
+    """jacobgil/vit-explain's grad_rollout: (mean over heads of A * dA)+, then rollout (rows normalised)."""
+    fused = [(a * g).mean(1, keepdim=True).clamp(min=0) for a, g in zip(maps, grads)]
+    return _reference_rollout(fused)
+
+
+def _reference_chefer(maps, grads):
+    """Chefer et al.'s ViT notebook (generate_relevance): R = I; R += mean_h((dA * A).clamp(min=0)) @ R per block."""
+    B, _, N, _ = maps[0].shape
+    relevance = torch.eye(N, dtype=maps[0].dtype).repeat(B, 1, 1)
+    for a, g in zip(maps, grads):
+        relevance = relevance + (g * a).clamp(min=0).mean(1) @ relevance
+    return relevance
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("rollout", {}),
+        ("rollout", dict(head_fusion="max", discard_ratio=0.5)),
+        ("rollout", dict(head_fusion="min", discard_ratio=0.9)),
+        ("grad_rollout", {}),
+        ("chefer", {}),
+    ],
+)
+def test_maps_equal_reference_implementations_on_timm_attention(method, options):
+    model = peaked(small_cfg(img_size=(16, 24), reg_tokens=2))
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    maps, grads = _timm_oracle(model, x, target if method != "rollout" else None)
+    if method == "rollout":
+        joint = _reference_rollout(maps, options.get("head_fusion", "mean"), options.get("discard_ratio", 0.0))
+    else:
+        joint = (_reference_grad_rollout if method == "grad_rollout" else _reference_chefer)(maps, grads)
+    expected = _reference_map(joint, model.num_prefix_tokens, (4, 6), (16, 24))
+    torch.testing.assert_close(vit.explain(model, x, method, target=target, **options), expected)
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_gradient_methods_give_the_same_maps_under_no_grad_and_inference_mode(method):
     model = peaked(small_cfg())

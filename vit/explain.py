@@ -4,7 +4,8 @@ Methods (all batched; each image's map depends on that image only):
 - 'raw': one layer's attention (one head, or the mean over heads) from the read-out token(s) to the patches.
 - 'rollout': attention rollout (Abnar & Zuidema 2020): fuse heads, optionally discard the weakest weights,
   add the residual (0.5 A + 0.5 I), normalise rows, multiply through the layers.
-- 'grad_rollout': rollout of the gradient-weighted attention mean_h((∇A ⊙ A)⁺), class-specific.
+- 'grad_rollout': rollout of the gradient-weighted attention (mean_h(∇A ⊙ A))⁺, class-specific, as in
+  jacobgil/vit-explain (whose row normalisation lacks keepdim; here rows are normalised, as in the paper).
 - 'chefer': generic relevance of Chefer et al. (ICCV 2021): R ← R + mean_h((∇A ⊙ A)⁺) · R from R = I.
 
 Every method produces a token-to-token matrix (B, N, N) whose rows are queries and columns keys. The map is
@@ -154,7 +155,10 @@ def _rollout(maps, grads, head_fusion: str = "mean", discard_ratio: float = 0.0)
 
 
 def _grad_rollout(maps, grads, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
-    return rollout(gradient_weighted(maps, grads), head_fusion, discard_ratio)
+    # jacobgil/vit-explain's rule: fuse the heads of ∇A ⊙ A, then clamp, (fuse_h(∇A ⊙ A))⁺. For 'max' and 'min'
+    # that equals fusing the clamped heads; for 'mean' a head's negative product offsets another's positive one.
+    fused = [fuse_heads(_float(g) * _float(a), head_fusion).clamp(min=0)[:, None] for a, g in zip(maps, grads)]
+    return rollout(fused, "mean", discard_ratio)  # one head left: fusing it again changes nothing
 
 
 def _chefer(maps, grads) -> torch.Tensor:

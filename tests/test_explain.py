@@ -469,6 +469,22 @@ def test_cli_attention_writes_a_png_and_prints_the_predicted_class(checkpoint, t
             assert figure.format == "PNG" and figure.width > figure.height > 100
 
 
+def test_cli_attention_prints_the_predicted_class_and_the_target_it_explains(checkpoint, tmp_path, capsys):
+    model, path, image = checkpoint
+    x = create_transform(**model.pretrained_cfg)(Image.open(image).convert("RGB"))[None]
+    probs = model(x).softmax(-1)[0]
+    predicted, target = int(probs.argmax()), int(probs.argmin())
+    out = tmp_path / "map.png"
+    args = ["attention", str(image), "-c", str(path), "--method", "chefer", "--target", str(target), "--out", str(out)]
+    assert vit.cli.main(args) == 0
+    names = ["cat", "dog", "bird"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"predicted: {names[predicted]} (class {predicted}, p={probs[predicted]:.3f})",
+        f"target: {names[target]} (class {target}, p={probs[target]:.3f})",
+        f"wrote {out}",
+    ]
+
+
 def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
     model, _, image = checkpoint
     data_config = {**model.pretrained_cfg, "input_size": list(model.pretrained_cfg["input_size"])}
@@ -488,7 +504,9 @@ def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
     [
         (["{image}", "--method", "rollout", "--layer", "1"], "--method raw"),
         (["{image}", "--layer", "7"], "layer 7"),
-        (["{image}", "--target", "3"], "--target 3"),
+        (["{image}", "--method", "chefer", "--target", "3"], "--target 3 is not a class index"),
+        (["{image}", "--target", "1"], "--target 1: rollout maps are the same for every class"),
+        (["{image}", "--method", "raw", "--target", "1"], "--method grad_rollout or chefer"),
         (["{folder}"], "is a folder: vit attention draws the map of one image file"),  # not 'holds no images'
     ],
 )

@@ -279,7 +279,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
-    p.add_argument("--target", type=int, help="class index to explain (default: the predicted class)")
+    p.add_argument("--target", type=int, help="class index a gradient method explains (default: the predicted class)")
     p.add_argument("--out", "-o", required=True, help="the figure to write, e.g. attention.png (.png when no suffix)")
     p.set_defaults(handler=_attention)
 
@@ -290,7 +290,7 @@ def _attention(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # files only, never a window
     import torch
 
-    from vit.explain import explain
+    from vit.explain import METHODS, explain
     from vit.images import describe_error
     from vit.predict import Predictor
     from vit.visualize import attention_figure, model_view
@@ -300,6 +300,11 @@ def _attention(args: argparse.Namespace) -> int:
     method = args.method or ("raw" if chosen else "rollout")
     if chosen and method != "raw":
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
+    if args.target is not None and not METHODS[method][0]:  # no gradients: the same map for every class
+        raise ValueError(
+            f"--target {args.target}: {method} maps are the same for every class; --target chooses the class of a "
+            "gradient method: --method grad_rollout or chefer"
+        )
     out = _figure_path(args.out)
     model, checkpoint = load_model(args.checkpoint, args.model)
     if model.num_classes == 0:
@@ -315,19 +320,20 @@ def _attention(args: argparse.Namespace) -> int:
         return 1
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
-    index = int(probs.argmax()) if args.target is None else args.target
+    predicted = int(probs.argmax())
+    index = predicted if args.target is None else args.target
     if not 0 <= index < model.num_classes:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
     heat = explain(model, x, method, target=index, **chosen)[0]
-    label = predictor.label(index)
     shown = model_view(x[0], predictor.data_config)  # the crop the model saw, so the map lines up with it
-    title = f"{label} (class {index}, p={probs[index]:.3f})"
+    lines = [f"predicted: {predictor.label(predicted)} (class {predicted}, p={probs[predicted]:.3f})"]
+    if args.target is not None:  # the prediction is still worth knowing when another class is explained
+        lines.append(f"target: {predictor.label(index)} (class {index}, p={probs[index]:.3f})")
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
     out.parent.mkdir(parents=True, exist_ok=True)  # as `vit export` makes its --out's folders
-    attention_figure(shown, heat, title=title, map_title=f"{method} {options}".strip()).savefig(out, dpi=120)
-    kind = "predicted" if args.target is None else "target"
-    print(f"{kind}: {label} (class {index}, p={probs[index]:.3f})")
-    print(f"wrote {out}")
+    figure = attention_figure(shown, heat, title="; ".join(lines), map_title=f"{method} {options}".strip())
+    figure.savefig(out, dpi=120)
+    print(*lines, f"wrote {out}", sep="\n")
     return 0
 
 

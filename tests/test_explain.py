@@ -447,6 +447,19 @@ def checkpoint(tmp_path):
     return model, path, image
 
 
+def test_attention_figure_frames_each_panel_so_a_white_image_edge_shows_where_the_input_ends():
+    from vit.visualize import attention_figure
+
+    white_left = torch.rand(3, 16, 16)
+    white_left[:, :, :8] = 1.0  # a transparent PNG's side, composited on white, as the figure's background is
+    fig = attention_figure(white_left, torch.rand(16, 16))
+    image, heat, blend = fig.axes[:3]
+    assert image.get_title() == "model input" and heat.get_title() == "attention"
+    for ax in (image, heat, blend):
+        assert ax.axison and all(spine.get_visible() for spine in ax.spines.values())
+        assert not ax.get_xticks().size and not ax.get_yticks().size
+
+
 def test_to_rgb_reads_a_small_torch_tensor_as_channels_first():
     from vit.visualize import to_rgb
 

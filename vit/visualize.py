@@ -129,14 +129,15 @@ def attention_figure(
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].imshow(rgb)
-    axes[0].set_title("image")
+    axes[0].set_title("model input")
     shown = axes[1].imshow(_heat(heatmap, rgb.shape[:2]), cmap=kw.get("cmap", "jet"), vmin=0, vmax=1)
     axes[1].set_title(map_title)
     fig.colorbar(shown, ax=axes[1], fraction=0.046)
     axes[2].imshow(overlay(rgb, heatmap, **kw))
     axes[2].set_title("overlay")
-    for ax in axes:
-        ax.axis("off")
+    for ax in axes:  # ticks off, frames kept: white or transparent edges of the image still show where it ends
+        ax.set_xticks([])
+        ax.set_yticks([])
     if title:
         fig.suptitle(title)
     return fig

@@ -212,9 +212,12 @@ def _timm_oracle(model: vit.VisionTransformer, x: torch.Tensor, target: torch.Te
     return [a.detach() for a in maps], list(grads)
 
 
-def _reference_map(joint: torch.Tensor, prefix: int, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """The class token's row of a token-to-token matrix, patches only, upsampled (bilinear) and min-max scaled."""
-    m = torch.nn.functional.interpolate(joint[:, 0, prefix:].reshape(-1, 1, *grid), size=size, mode="bilinear")
+def _reference_map(joint: torch.Tensor, model: vit.VisionTransformer, size: tuple[int, int]) -> torch.Tensor:
+    """The row of the token the head reads (the class token, else the mean of the patch rows) of a token-to-token
+    matrix, patch columns only, upsampled (bilinear) and min-max scaled."""
+    prefix, grid = model.num_prefix_tokens, model.patch_embed.grid_size
+    rows = joint[:, 0] if model.cfg.global_pool == "token" else joint[:, prefix:].mean(1)
+    m = torch.nn.functional.interpolate(rows[:, prefix:].reshape(-1, 1, *grid), size=size, mode="bilinear")
     return _minmax(m[:, 0])
 
 
@@ -250,6 +253,7 @@ def _reference_chefer(maps, grads):
     return relevance
 
 
+@pytest.mark.parametrize("pooling", ["class token", "average"])
 @pytest.mark.parametrize(
     "method, options",
     [
@@ -260,8 +264,9 @@ def _reference_chefer(maps, grads):
         ("chefer", {}),
     ],
 )
-def test_maps_equal_reference_implementations_on_timm_attention(method, options):
-    model = peaked(small_cfg(img_size=(16, 24), reg_tokens=2))
+def test_maps_equal_reference_implementations_on_timm_attention(method, options, pooling):
+    average = dict(class_token=False, global_pool="avg") if pooling == "average" else {}
+    model = peaked(small_cfg(img_size=(16, 24), reg_tokens=2, **average))
     x = torch.randn(2, 3, 16, 24, dtype=torch.float64)
     target = torch.tensor([1, 3])
     maps, grads = _timm_oracle(model, x, target if method != "rollout" else None)
@@ -269,7 +274,7 @@ def test_maps_equal_reference_implementations_on_timm_attention(method, options)
         joint = _reference_rollout(maps, options.get("head_fusion", "mean"), options.get("discard_ratio", 0.0))
     else:
         joint = (_reference_grad_rollout if method == "grad_rollout" else _reference_chefer)(maps, grads)
-    expected = _reference_map(joint, model.num_prefix_tokens, (4, 6), (16, 24))
+    expected = _reference_map(joint, model, (16, 24))
     torch.testing.assert_close(vit.explain(model, x, method, target=target, **options), expected)
 
 
@@ -345,6 +350,18 @@ def test_explain_rejects_unknown_methods_and_out_of_range_choices():
     for kw in (dict(method="saliency"), dict(method="raw", layer=3), dict(method="raw", head=4)):
         with pytest.raises(ValueError):
             vit.explain(model, x, **kw)
+
+
+def test_explain_names_the_options_a_method_takes_when_given_another():
+    model = vit.VisionTransformer(small_cfg())
+    x = torch.randn(1, 3, 16, 16)
+    for method, kw, message in [
+        ("chefer", dict(head_fusion="max"), "method 'chefer' takes no options; got head_fusion"),
+        ("raw", dict(discard_ratio=0.5), "method 'raw' takes layer, head; got discard_ratio"),
+        ("rollout", dict(layer=1, head=0), "method 'rollout' takes head_fusion, discard_ratio; got head, layer"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            vit.explain(model, x, method, **kw)
 
 
 def test_head_maps_give_one_panel_per_layer_and_head():

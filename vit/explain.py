@@ -16,6 +16,7 @@ so register tokens and the class token never appear in a map.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -257,6 +258,10 @@ def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", target: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     needs_grad, fn = METHODS[method]
+    options = [name for name in inspect.signature(fn).parameters if name not in ("maps", "grads")]
+    if unknown := sorted(set(kw) - set(options)):
+        takes = f"takes {', '.join(options)}" if options else "takes no options"
+        raise ValueError(f"method {method!r} {takes}; got {', '.join(unknown)}")
     vit = find_vit(model)
     maps, grads, _ = attention_and_grads(model, x, target, grads=needs_grad)
     scores = readout(fn(maps, grads, **kw), vit)  # (B, num_patches)

@@ -515,6 +515,24 @@ def test_cli_attention_prints_the_predicted_class_and_the_target_it_explains(che
     ]
 
 
+def test_cli_attention_passes_head_fusion_and_discard_ratio_to_rollout(checkpoint, tmp_path, monkeypatch):
+    _, path, image = checkpoint
+    seen = []
+    module = sys.modules["vit.explain"]
+    explain = module.explain
+    monkeypatch.setattr(
+        module, "explain", lambda model, x, *a, **kw: seen.append((a, kw)) or explain(model, x, *a, **kw)
+    )
+    for method in ("rollout", "grad_rollout"):
+        args = ["--method", method, "--head-fusion", "max", "--discard-ratio", "0.9", "--out", str(tmp_path / "m.png")]
+        assert vit.cli.main(["attention", str(image), "-c", str(path), *args]) == 0
+        (given, options) = seen[-1]
+        assert given == (method,) and {k: options[k] for k in ("head_fusion", "discard_ratio")} == {
+            "head_fusion": "max",
+            "discard_ratio": 0.9,
+        }
+
+
 def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
     model, _, image = checkpoint
     data_config = {**model.pretrained_cfg, "input_size": list(model.pretrained_cfg["input_size"])}
@@ -537,6 +555,8 @@ def test_cli_attention_reads_a_vit_fit_checkpoint(checkpoint, tmp_path, capsys):
         (["{image}", "--method", "chefer", "--target", "3"], "--target 3 is not a class index"),
         (["{image}", "--target", "1"], "--target 1: rollout maps are the same for every class"),
         (["{image}", "--method", "raw", "--target", "1"], "--method grad_rollout or chefer"),
+        (["{image}", "--method", "chefer", "--head-fusion", "max"], "options of rollout and grad_rollout, not chefer"),
+        (["{image}", "--discard-ratio", "1.5"], "--discard-ratio 1.5 is not in [0, 1)"),
         (["{folder}"], "is a folder: vit attention draws the map of one image file"),  # not 'holds no images'
     ],
 )

@@ -279,6 +279,14 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
+    p.add_argument(
+        "--head-fusion", choices=("mean", "max", "min"), help="how (grad_)rollout fuses the heads (default: mean)"
+    )
+    p.add_argument(
+        "--discard-ratio",
+        type=float,
+        help="share of each fused map's weakest weights (grad_)rollout zeroes (default 0)",
+    )
     p.add_argument("--target", type=int, help="class index a gradient method explains (default: the predicted class)")
     p.add_argument("--out", "-o", required=True, help="the figure to write, e.g. attention.png (.png when no suffix)")
     p.set_defaults(handler=_attention)
@@ -297,9 +305,17 @@ def _attention(args: argparse.Namespace) -> int:
     from vit.weights import load_model
 
     chosen = {k: v for k, v in (("layer", args.layer), ("head", args.head)) if v is not None}
+    fusion = {
+        k: v for k, v in (("head_fusion", args.head_fusion), ("discard_ratio", args.discard_ratio)) if v is not None
+    }
     method = args.method or ("raw" if chosen else "rollout")
     if chosen and method != "raw":
         raise ValueError("--layer and --head choose a raw attention map; use them with --method raw")
+    if fusion and method not in ("rollout", "grad_rollout"):
+        raise ValueError(f"--head-fusion and --discard-ratio are options of rollout and grad_rollout, not {method}")
+    if args.discard_ratio is not None and not 0 <= args.discard_ratio < 1:
+        raise ValueError(f"--discard-ratio {args.discard_ratio} is not in [0, 1)")
+    chosen.update(fusion)
     if args.target is not None and not METHODS[method][0]:  # no gradients: the same map for every class
         raise ValueError(
             f"--target {args.target}: {method} maps are the same for every class; --target chooses the class of a "

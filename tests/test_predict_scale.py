@@ -269,11 +269,12 @@ def test_ctrl_c_while_the_command_imports_ends_in_one_line_with_status_130(argv,
     assert done.stderr == f"vit {argv[0]}: stopped by Ctrl-C\n"
 
 
-def test_the_command_line_offers_exactly_the_attention_methods_of_vit_explain():
-    from vit.cli import ATTENTION_METHODS
-    from vit.explain import METHODS
+def test_the_command_line_offers_exactly_the_attention_methods_and_head_fusions_of_vit_explain():
+    from vit import cli
+    from vit.explain import HEAD_FUSIONS, METHODS  # `vit.explain` itself is the function
 
-    assert sorted(ATTENTION_METHODS) == sorted(METHODS)
+    assert sorted(cli.ATTENTION_METHODS) == sorted(METHODS)
+    assert sorted(cli.HEAD_FUSIONS) == sorted(HEAD_FUSIONS)
 
 
 @pytest.mark.parametrize(

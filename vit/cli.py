@@ -1,5 +1,5 @@
 """The `vit` command. fit / validate / test are LightningCLI (`vit.lightning_cli`); the other subcommands are small
-argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.weights`).
+argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.export`, `vit.catalog`).
 
 User errors (a missing checkpoint, a bad option) print one line and exit with status 2; they never print a
 traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
@@ -33,59 +33,9 @@ def _models_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from vit.catalog import print_models
 
-    from vit.factory import list_models, model_config, timm_tags
-
-    names = list_models(args.pattern)
-    if not names:
-        return _timm_vit_names(args.pattern)
-    header = ("name", "params", "input", "patch", "dim", "depth", "heads", "pretrained (timm tag)")
-    table = Table(*header, box=None, pad_edge=False)
-    for name in names:
-        cfg = model_config(name)
-        tags = timm_tags(name)  # none: a name of our own or an untrained timm architecture, so no pretrained=True
-        table.add_row(
-            name,
-            f"{_count_params(cfg) / 1e6:.1f}M",
-            "x".join(map(str, cfg.img_hw)),
-            str(cfg.patch_size),
-            str(cfg.embed_dim),
-            str(cfg.depth),
-            str(cfg.num_heads),
-            tags[0].split(".", 1)[1] if tags else "-",
-        )
-    Console(width=100).print(table)
-    print("'-': timm has no weights for the name; other tags: timm.list_pretrained('NAME.*')")
-    print("timm's other ViT names work too (deit3_*, *_dinov2, *_clip_*, ...): timm.list_models('PATTERN')")
-    return 0
-
-
-def _timm_vit_names(pattern: str) -> int:
-    """For a pattern no variant of ours matches: timm's ViT names that do, which work where a variant name does."""
-    import timm
-
-    from vit.checkpoint_files import short_list
-
-    theirs = sorted({n for module in ("vision_transformer", "deit") for n in timm.list_models(pattern, module=module)})
-    if not theirs:
-        raise ValueError(f"no model matches {pattern!r}")
-    print(
-        f"no variant of vit's own matches {pattern!r}; {len(theirs)} of timm's ViT names do: {short_list(theirs, 6)}. "
-        "Each works where a variant name does (vit.create_model, --model, --model.model_name) when vit computes its "
-        "network, and is otherwise refused with the reason"
-    )
-    return 0
-
-
-def _count_params(cfg) -> int:
-    import torch
-
-    from vit.model import VisionTransformer
-
-    with torch.device("meta"):  # shapes only: no memory, no init time, even for ViT-H
-        return sum(p.numel() for p in VisionTransformer(cfg).parameters())
+    return print_models(args.pattern)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -262,9 +212,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-# `vit.explain.METHODS`' names (a test holds them equal), here because vit.explain imports torch (seconds), which
+# vit.explain's method names (a test holds them equal), here because vit.explain imports torch (seconds), which
 # `vit attention --help` and a mistyped method need not wait for
 ATTENTION_METHODS = ("raw", "rollout", "grad_rollout", "chefer")
+HEAD_FUSIONS = ("mean", "max", "min")  # vit.explain.HEAD_FUSIONS, for the same reason
 
 
 def _attention_parser(sub: argparse._SubParsersAction) -> None:
@@ -279,9 +230,7 @@ def _attention_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layer", type=int, help="block of the raw map (default: the last)")
     p.add_argument("--head", type=int, help="head of the raw map (default: the mean over heads)")
-    p.add_argument(
-        "--head-fusion", choices=("mean", "max", "min"), help="how (grad_)rollout fuses the heads (default: mean)"
-    )
+    p.add_argument("--head-fusion", choices=HEAD_FUSIONS, help="how (grad_)rollout fuses the heads (default: mean)")
     p.add_argument(
         "--discard-ratio",
         type=float,

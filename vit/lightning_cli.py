@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from vit.cli import USER_ERRORS, _one_line_warning
@@ -25,6 +26,7 @@ def _lightning_main(argv: list[str]) -> int:
     # validation run writes no checkpoints at all: Lightning's note that the old folder's best score is not
     # carried over says nothing new, twice (once per checkpoint callback)
     warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
+    argv = shipped_configs(argv)
     cli = _lightning_cli_class()
     silence_lightning_notes()  # again, as a caller's warnings.catch_warnings may have undone the import's
     try:
@@ -50,6 +52,34 @@ def _lightning_main(argv: list[str]) -> int:
             return 1
         raise
     return 0
+
+
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")  # the repository's configs/, installed with the package
+
+
+def shipped_configs(argv: list[str]) -> list[str]:
+    """`--config digits` (or `digits.yaml`, or `configs/digits.yaml` where the current folder has no such file) is the
+    digits.yaml that comes with vit, so that the README's commands work from any folder after `pip install`."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=")
+        if option not in ("-c", "--config"):
+            continue
+        if not equals:
+            if i + 1 == len(argv):
+                break
+            i, value = i + 1, argv[i + 1]
+        path = Path(value)
+        if path.exists() or len(path.parts) not in (1, 2) or path.parts[:-1] not in ((), ("configs",)):
+            continue
+        shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            argv[i] = f"{option}={shipped}" if equals else str(shipped)
+    return argv
+
+
+def _shipped_names() -> str:
+    return ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
 
 
 # Lightning's words for a config that asks for what this machine lacks, and what to do about it
@@ -108,6 +138,9 @@ def _lightning_cli_class() -> type:
                 command, message = missing.group(1), "no data: give --config CONFIG (e.g. configs/digits.yaml)"
                 if ex is not None and getattr(ex, "subcommand_parser", None) is None:
                     ex.subcommand_parser = subcommands.choices[command]  # usage and tip of `vit fit`
+            missing = re.fullmatch(r'Parser key "config":\s*File does not exist: (.+)', message.strip())
+            if missing:  # a name that is neither a file here nor one of vit's configs
+                message = f"--config {missing.group(1)}: no such file; vit's own configs: {_shipped_names()}"
             super().error(_innermost_reason(message) if self.exit_on_error else message, ex)
 
     class ViTLightningCLI(LightningCLI):

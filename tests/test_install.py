@@ -1,0 +1,63 @@
+"""What a user who installs the wheel gets, outside this repository: every module, the configs the README's commands
+name."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "README.md", src)
+    shutil.copytree(ROOT / "vit", src / "vit", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*pip, "-w", str(out), str(src)], check=True, capture_output=True)
+    (path,) = out.glob("vit-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_holds_every_module_and_every_config_of_the_repository(wheel):
+    files = set(wheel.namelist())
+    modules = {f"vit/{p.name}" for p in (ROOT / "vit").glob("*.py")}
+    configs = {f"vit/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
+    assert "vit/configs/digits.yaml" in configs
+    assert modules <= files and configs <= files
+
+
+@pytest.mark.parametrize("spelling", ["digits", "digits.yaml", "configs/digits.yaml", "--config=digits"])
+def test_a_shipped_config_is_found_by_name_from_a_folder_without_it(spelling, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a user's own project folder: no configs/ here
+    assert main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--print_config"]) == 0
+    expected = capsys.readouterr().out
+    given = [spelling] if spelling.startswith("--") else ["--config", spelling]
+    assert main(["fit", *given, "--print_config"]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_a_file_of_the_users_own_wins_over_the_shipped_config_of_that_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    text = (ROOT / "configs" / "digits.yaml").read_text().replace("max_epochs: 40", "max_epochs: 7")
+    (tmp_path / "configs" / "digits.yaml").write_text(text)
+    assert main(["fit", "--config", "configs/digits.yaml", "--print_config"]) == 0
+    assert "max_epochs: 7" in capsys.readouterr().out
+
+
+def test_a_config_that_is_nowhere_is_one_line_naming_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", "digts"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: --config ") and "digts" in error and "no such file" in error
+    assert error.endswith(", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))))

@@ -1,8 +1,11 @@
 """What a user who installs the wheel gets, outside this repository: every module, the configs the README's commands
-name."""
+name, and every package `vit/` imports declared as a dependency."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import pytest
 from vit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = {"onnx", "onnxruntime"}  # `vit export --format onnx` names the pip command when they are missing
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +65,29 @@ def test_a_config_that_is_nowhere_is_one_line_naming_the_shipped_ones(tmp_path, 
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.startswith("error: --config ") and "digts" in error and "no such file" in error
     assert error.endswith(", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))))
+
+
+def _imported_packages() -> set[str]:
+    names = set()
+    for path in (ROOT / "vit").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"vit"}
+
+
+def test_every_package_vit_imports_is_a_declared_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = {
+        re.split(r"[\[<>=!~ ;]", requirement)[0].lower().replace("_", "-")
+        for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        name: distributions.get(name)
+        for name in _imported_packages() - OPTIONAL
+        if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared
+    }
+    assert not undeclared

@@ -22,6 +22,7 @@ OPTIONAL = {"onnx", "onnxruntime"}  # `vit export --format onnx` names the pip c
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    pytest.importorskip("setuptools", minversion="77")  # the build backend pyproject.toml asks for, installed here
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
@@ -91,3 +92,12 @@ def test_every_package_vit_imports_is_a_declared_dependency():
         if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared
     }
     assert not undeclared
+
+
+def test_the_wheel_carries_vit_version_and_an_spdx_license(wheel):
+    import vit
+
+    (metadata,) = (name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+    headers = dict(line.split(": ", 1) for line in wheel.read(metadata).decode().split("\n\n")[0].splitlines())
+    assert headers["Version"] == vit.__version__  # one version: `vit --version` and pip's agree
+    assert headers["License-Expression"] == "Apache-2.0"  # setuptools deprecates the `{text = ...}` table

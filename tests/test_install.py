@@ -26,7 +26,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
-    shutil.copytree(ROOT / "vit", src / "vit", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("vit", "configs"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
     subprocess.run([*pip, "-w", str(out), str(src)], check=True, capture_output=True)
     (path,) = out.glob("vit-*.whl")

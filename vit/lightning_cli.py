@@ -54,7 +54,11 @@ def _lightning_main(argv: list[str]) -> int:
     return 0
 
 
-SHIPPED_CONFIGS = Path(__file__).with_name("configs")  # the repository's configs/, installed with the package
+# the repository's configs/: installed as vit/configs/ (pyproject.toml), or beside vit/ in a checkout
+SHIPPED_CONFIGS = next(
+    (d for d in (Path(__file__).with_name("configs"), Path(__file__).parents[1] / "configs") if any(d.glob("*.yaml"))),
+    Path(__file__).with_name("configs"),
+)
 
 
 def shipped_configs(argv: list[str]) -> list[str]:

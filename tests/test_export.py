@@ -271,3 +271,31 @@ def test_safetensors_under_another_suffix_warns_that_it_will_not_load_again(tmp_
     assert "safetensors written under a .bin name; vit and timm read safetensors only from .safetensors" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("before", [b"the previous export", None], ids=["over-a-file", "new-file"])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "SIGTERM"])
+def test_an_onnx_export_stopped_midway_leaves_the_file_that_was_there(before, stop, tmp_path, capsys, monkeypatch):
+    import signal
+
+    import vit.export
+
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    out = tmp_path / "model.onnx"
+    if before is not None:
+        out.write_bytes(before)
+
+    def stopped(path, metadata):  # after the graph is written, before its metadata: a valid ONNX file, but bare
+        assert onnx.load(str(path)).graph.node
+        if stop == "SIGTERM":  # `kill`, `timeout`: Python's default action would end the process, cleanup skipped
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), "SIGTERM would end the export where it stands"
+            handler(signal.SIGTERM, None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vit.export, "_add_onnx_metadata", stopped)
+    status = main(["export", "-c", str(ckpt), "--out", str(out)])
+    name, number = ("SIGTERM", 143) if stop == "SIGTERM" else ("Ctrl-C", 130)
+    assert (status, capsys.readouterr().err) == (number, f"vit export: stopped by {name}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", *(["model.onnx"] if before else [])]
+    assert before is None or out.read_bytes() == before

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -146,6 +147,21 @@ def atomic_write(path: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_write_beside(path: Path) -> Iterator[Path]:
+    """`atomic_write` for a writer that may put files of its own next to `path` (ONNX's external data,
+    `<name>.data`): a temporary folder beside `path`, whose files are renamed into `path`'s folder when the block
+    ends without an error, `path` itself last; the folder is removed either way."""
+    folder = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    folder.mkdir()
+    try:
+        yield folder / path.name
+        for written in sorted(folder.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def short_list(items: list[str], limit: int = 8) -> str:

@@ -5,7 +5,8 @@ User errors (a missing checkpoint, a bad option) print one line and exit with st
 traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
 Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with status 141, as a Unix
 tool stopped by SIGPIPE does; `vit predict` stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143,
-and so does any command stopped by Ctrl-C while it starts (torch, timm and Lightning import in `main`, not before).
+and so does any command stopped by Ctrl-C while it starts (torch, timm and Lightning import in `main`, not before)
+and `vit export|attention` stopped by either (an export's --out is then the file that was there, or none).
 """
 
 from __future__ import annotations
@@ -379,10 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python's recipe: stdout onto devnull, so that the flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_STATUS
-    except KeyboardInterrupt:  # before the command's own handling: while torch, timm or Lightning import, say
+    except (KeyboardInterrupt, _Terminated) as e:  # while torch, timm or Lightning import, say, or an export
         command = f"vit {argv[0]}" if argv and not argv[0].startswith("-") else "vit"
-        print(f"{command}: stopped by Ctrl-C", file=sys.stderr)
-        return 128 + signal.SIGINT  # 130, as `vit predict` stopped mid-run
+        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
+        print(f"{command}: stopped by {name}", file=sys.stderr)
+        return 128 + number  # 130 or 143, as `vit predict` stopped mid-run
 
 
 def _run(argv: list[str]) -> int:
@@ -396,7 +398,8 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():
+        # SIGTERM as an exception, as Ctrl-C is: an export's half-written file is removed on the way out
+        with warnings.catch_warnings(), _sigterm_as_exception():
             warnings.showwarning = _one_line_warning(args.command)
             return args.handler(args)
     except USER_ERRORS as e:

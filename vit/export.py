@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vit.checkpoint_files import atomic_write_beside
 from vit.model import VisionTransformer
 from vit.predict import TRANSFORM_KEYS
 from vit.weights import load_model, save_safetensors
@@ -32,8 +33,14 @@ def export_onnx(
 
     The dynamo exporter is tried first; should it refuse the graph, the TorchScript exporter is used.
     """
-    model = model.eval()
     path = Path(path)
+    with atomic_write_beside(path) as temp:  # a failed or interrupted export leaves the file that was there
+        _write_onnx(model.eval(), temp)
+        _add_onnx_metadata(temp, _metadata(model, class_names, data_config))
+    return path
+
+
+def _write_onnx(model: VisionTransformer, path: Path) -> None:
     c, (h, w), p = model.cfg.in_chans, model.cfg.img_hw, model.cfg.patch_size
     names = dict(input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
     shapes, traced_hw = {0: torch.export.Dim("batch")}, (h, w)
@@ -54,7 +61,7 @@ def export_onnx(
         fixed = f", whose input size is fixed at {h}x{w}" if model.cfg.dynamic_img_size else ""
         warnings.warn(
             f"the dynamo ONNX exporter failed ({type(e).__name__}: {e}); using the TorchScript one{fixed}",
-            stacklevel=2,
+            stacklevel=3,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: expected
@@ -69,8 +76,6 @@ def export_onnx(
             )
     else:  # outside the try: failing to write the file is no reason to try the other exporter
         program.save(str(path))
-    _add_onnx_metadata(path, _metadata(model, class_names, data_config))
-    return path
 
 
 def _metadata(model: VisionTransformer, class_names: Sequence[str] | None, data_config: dict | None) -> dict:

@@ -482,6 +482,33 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fm
     assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
 
 
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_output_onto_a_full_disk_is_one_line_and_status_1_not_a_traceback(fmt, checkpoint, tmp_path):
+    import resource
+    import signal
+
+    Image.fromarray(smooth_rgb(8, 8)).save(tmp_path / "a.png")
+    many = [str(tmp_path / "a.png")] * 600  # output well beyond the limit below
+
+    def file_size_limit():  # `ulimit -f`: a write past 20 kB fails with EFBIG, as one onto a full disk does
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    # no loader workers: the limit would also refuse the shared-memory files that hand their batches over
+    command = [sys.executable, "-m", "vit.cli", "predict", *many, "-c", str(checkpoint), "--format", fmt, "-q"]
+    command += ["--num-workers", "0"]
+    with open(tmp_path / f"out.{fmt}", "w") as out:
+        done = subprocess.run(
+            command, cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True, preexec_fn=file_size_limit
+        )
+    assert done.returncode == 1
+    assert re.fullmatch(
+        r"vit predict: error: cannot write the output \(File too large\); stopped after \d+ inputs: the output is "
+        r"incomplete\n",
+        done.stderr,
+    )
+
+
 def test_model_option_names_the_variant_of_plain_timm_weights_and_gives_timms_probabilities(tmp_path, capsys):
     reference = write_timm_state_dict(tmp_path / "timm_tiny.safetensors")
     Image.fromarray(smooth_rgb(60, 80)).save(tmp_path / "x.png")

@@ -4,9 +4,10 @@ argparse front ends over the library (`vit.predict`, `vit.explain`, `vit.export`
 User errors (a missing checkpoint, a bad option) print one line and exit with status 2; they never print a
 traceback. An input image that cannot be read is a failed input, as in `vit predict`: one line, status 1.
 Output into a pipe whose reader stops early (`vit predict DIR | head`) ends quietly with status 141, as a Unix
-tool stopped by SIGPIPE does; `vit predict` stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143,
-and so does any command stopped by Ctrl-C while it starts (torch, timm and Lightning import in `main`, not before)
-and `vit export|attention` stopped by either (an export's --out is then the file that was there, or none).
+tool stopped by SIGPIPE does, and output that cannot be written (a full disk) in one line, status 1. `vit predict`
+stopped by Ctrl-C or SIGTERM says so in one line, with status 130 or 143, and so does any command stopped by Ctrl-C
+while it starts (torch, timm and Lightning import in `main`, not before) and `vit export|attention` stopped by
+either (an export's --out is then the file that was there, or none).
 """
 
 from __future__ import annotations
@@ -150,7 +151,13 @@ def _predict(args: argparse.Namespace) -> int:
                 model_name=args.model,
             )
             results = predictor.iter_predict(sources, topk=args.topk, progress=False if args.quiet else None)
-            write_results(counted(results), args.format, sys.stdout)  # JSON and CSV go out as they come
+            output = _CheckedOutput(sys.stdout)
+            write_results(counted(results), args.format, output)  # JSON and CSV go out as they come
+            output.flush()
+    except _OutputError as e:  # a full disk, a file-size limit: not a traceback, and not a failed input
+        print(f"vit predict: error: {e}; stopped after {done} inputs: the output is incomplete", file=sys.stderr)
+        _stdout_to_devnull()
+        return 1
     except (KeyboardInterrupt, _Terminated) as e:
         name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
         written = "the table is not written" if args.format == "table" else "the output is incomplete"
@@ -159,6 +166,45 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"vit predict: {failed} of {done} inputs could not be classified", file=sys.stderr)
     return 1 if failed else 0
+
+
+class _OutputError(Exception):
+    """Standard output could not be written (a full disk, a file-size limit); not a reader that went away."""
+
+
+class _CheckedOutput:
+    """A text stream whose write errors, but for a closed pipe (`| head`), are `_OutputError`: told apart from
+    an OSError of reading an input or a checkpoint."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        return self._checked(self._stream.write, text)
+
+    def writelines(self, lines: Any) -> None:
+        return self._checked(self._stream.writelines, lines)
+
+    def flush(self) -> None:
+        return self._checked(self._stream.flush)
+
+    @staticmethod
+    def _checked(write: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return write(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputError(f"cannot write the output ({e.strerror or e})") from None
+
+
+def _stdout_to_devnull() -> None:
+    """Python's recipe after a failed write to stdout: point it at devnull, so that the flush at exit, of what is
+    still buffered, does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class _Terminated(BaseException):
@@ -372,16 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vit` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = f"vit {argv[0]}" if argv and not argv[0].startswith("-") else "vit"
     try:
         status = _run(argv)
-        sys.stdout.flush()  # here rather than at exit, so that a reader gone away is noticed below
+        _CheckedOutput(sys.stdout).flush()  # here rather than at exit, so that a failed write is noticed below
         return status
     except BrokenPipeError:  # the reader has all it wants (`vit predict ... | head`): stop quietly
-        # Python's recipe: stdout onto devnull, so that the flush at exit does not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return BROKEN_PIPE_STATUS
+    except _OutputError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        _stdout_to_devnull()
+        return 1
     except (KeyboardInterrupt, _Terminated) as e:  # while torch, timm or Lightning import, say, or an export
-        command = f"vit {argv[0]}" if argv and not argv[0].startswith("-") else "vit"
         name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
         print(f"{command}: stopped by {name}", file=sys.stderr)
         return 128 + number  # 130 or 143, as `vit predict` stopped mid-run

@@ -112,3 +112,40 @@ def test_a_resumed_run_that_fails_before_its_first_new_step_leaves_no_run_folder
     assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "vit fit: error: a fault in the first step"
     assert not Path("runs/digits/version_1").exists()  # the resumed step is the checkpoint's, not one of its own
+
+
+def _safetensors_export(last: str) -> str:
+    assert main(["export", "-c", last, "--out", "model.safetensors"]) == 0
+    return "model.safetensors"
+
+
+def _weights_only_copy(last: str) -> str:  # what --checkpoint.save_weights_only true writes as best.ckpt
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint["optimizer_states"], checkpoint["lr_schedulers"]
+    torch.save(checkpoint, "weights_only.ckpt")
+    return "weights_only.ckpt"
+
+
+def _timm_state_dict(last: str) -> str:
+    state = torch.load(last, weights_only=True)["state_dict"]
+    torch.save({k.removeprefix("model."): v for k, v in state.items()}, "timm.pth")
+    return "timm.pth"
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_safetensors_export, "not a checkpoint of a Lightning run"),
+        (_timm_state_dict, "not a checkpoint of a Lightning run"),
+        (_weights_only_copy, "holds the weights only (--checkpoint.save_weights_only)"),
+    ],
+    ids=["safetensors-export", "timm-state-dict", "weights-only"],
+)
+def test_resuming_from_a_file_of_weights_without_the_training_state_is_one_line(finished_run, make, says, capsys):
+    path = make(finished_run)
+    capsys.readouterr()
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vit fit: error: {path}") and says in err and len(err.splitlines()) == 1
+    assert f"--model.pretrained {path}" in err  # what to do instead
+    assert sorted(p.name for p in Path("runs/digits").iterdir()) == ["version_0"]

@@ -114,6 +114,7 @@ def _lightning_cli_class() -> type:
         RNGStateCheckpoint,
         SayHowToResume,
         latest_run_checkpoint,
+        not_resumable,
         nothing_left_to_train,
         replaced_model_settings,
     )
@@ -237,7 +238,10 @@ def _lightning_cli_class() -> type:
             if which in ("last", "best"):  # Lightning's shortcuts, which find nothing in a new process's run folder
                 found = latest_run_checkpoint(self.config[subcommand]["trainer"].get("logger"), which)
                 self.config[subcommand]["ckpt_path"] = str(found)
-            checkpoint = check_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None)
+            path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            checkpoint = check_checkpoint(path)
+            if checkpoint is not None and (problem := not_resumable(path, checkpoint, subcommand == "fit")):
+                raise ValueError(problem)
             meta = checkpoint.get("vit") if isinstance(checkpoint, dict) else None
             self.checkpoint_classes = meta.get("class_names") if isinstance(meta, dict) else None
             self.resumed_step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None

@@ -342,6 +342,23 @@ def latest_run_checkpoint(logger: Any, which: str) -> Path:
     )
 
 
+def not_resumable(path: str, checkpoint: Any, fitting: bool) -> str | None:
+    """Why `--ckpt_path`'s (loaded) checkpoint cannot be what Lightning resumes or evaluates, or None: a file of
+    other weights (a safetensors export, a timm state dict) lacks Lightning's keys, and one written with
+    `--checkpoint.save_weights_only true` lacks the optimiser and loops that `fit` restores."""
+    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "state_dict"} <= checkpoint.keys():
+        return (
+            f"{path}: not a checkpoint of a Lightning run (vit fit writes them as runs/<name>/version_N/checkpoints/"
+            f"*.ckpt); to start from its weights, use --model.pretrained {path}"
+        )
+    if fitting and not checkpoint.get("optimizer_states"):
+        return (
+            f"{path} holds the weights only (--checkpoint.save_weights_only), not the optimiser and loop states that "
+            f"a resumed run goes on from; start a new run from its weights with --model.pretrained {path}"
+        )
+    return None
+
+
 def nothing_left_to_train(ckpt: str, trainer: L.Trainer) -> str:
     """The warning for `vit fit --ckpt_path` of a run that already reached this command's end: which limit, and
     how to go on."""

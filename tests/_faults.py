@@ -4,6 +4,7 @@ put this folder on the subprocess's PYTHONPATH)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -35,6 +36,24 @@ class InterruptMidEpoch(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             raise KeyboardInterrupt
+
+
+class _CtrlCWhileDeleted:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here, inside __del__: Python prints 'Exception ignored' and drops it
+
+
+class CtrlCInAFinalizer(Callback):
+    """Ctrl-C (SIGINT to this process) at the end of epoch `epoch`, while an object's `__del__` runs, as when a
+    loader iterator left before its end shuts its worker processes down."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            _CtrlCWhileDeleted()  # made and dropped at once
 
 
 class RaiseOnRank(Callback):

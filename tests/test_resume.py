@@ -223,6 +223,23 @@ def test_ctrl_c_or_sigterm_says_which_checkpoint_to_resume_from(tmp_path, sent, 
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
 
+def test_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    # a loader iterator left before its end (limit_train_batches, the sanity check) shuts its workers down in
+    # __del__: a Ctrl-C there was printed as 'Exception ignored' and training went on to its end, status 0
+    lost = {"class_path": "_faults.CtrlCInAFinalizer", "init_args": {"epoch": 0}}
+    monkeypatch.chdir(tmp_path)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it caught one
+    try:
+        status = main(["fit", *TINY, "--trainer.max_epochs", "3", f"--trainer.callbacks+={json.dumps(lost)}"])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    err = capsys.readouterr().err
+    assert status == 1, err[-2000:]
+    assert "vit fit: stopped; " in err
+    last = torch.load(tmp_path / "runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 4  # stopped in epoch 1, not trained on to epoch 2
+
+
 def _record_writes(monkeypatch) -> list[tuple[str, int, int]]:
     """(file name, epoch, global step) of every checkpoint `vit fit` writes, in order."""
     from vit.resume import AtomicCheckpointIO

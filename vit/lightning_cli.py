@@ -119,6 +119,7 @@ def _lightning_cli_class() -> type:
         replaced_model_settings,
     )
     from vit.safety import (
+        CtrlCIsNeverLost,
         DropTheRunFolderOfAFailedStart,
         EndAllRanksOnError,
         StopOnNonFiniteLoss,
@@ -200,7 +201,7 @@ def _lightning_cli_class() -> type:
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             # --trainer.enable_checkpointing false: no best.ckpt, no last.ckpt (Lightning refuses either otherwise)
             self.last_checkpoint = LastCheckpoint() if config.get("enable_checkpointing") is not False else None
-            guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow()]
+            guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow(), CtrlCIsNeverLost()]
             guards.append(DropTheRunFolderOfAFailedStart())
             callbacks = [*callbacks, *guards, *([RNGStateCheckpoint()] if self.subcommand == "fit" else [])]
             if self.last_checkpoint is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,42 @@ class EndAllRanksOnError(Callback):
             launcher.kill(signal.SIGKILL)  # they may be blocked inside a collective, where SIGTERM waits
             for proc in launcher.procs:
                 proc.wait()
+
+
+class CtrlCIsNeverLost(Callback):
+    """Ctrl-C that lands in a finalizer is dropped by Python ('Exception ignored in ... __del__'), and training went
+    on to its end with status 0: a loader iterator left before its end (`limit_train_batches`, the sanity check,
+    a time budget) shuts its worker processes down in `__del__`, for up to seconds at each epoch's end. Note every
+    SIGINT, and raise it again where the next batch or validation begins: Lightning stops as for any Ctrl-C."""
+
+    def __init__(self) -> None:
+        self._pending = False
+        self._handlers: tuple[Any, Any] | None = None  # (ours, the one it wraps)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        wrapped = signal.getsignal(signal.SIGINT)
+        if not callable(wrapped) or threading.current_thread() is not threading.main_thread():
+            return  # SIGINT ignored (a background job) or left to the OS: nothing is raised to be lost
+
+        def noted(signum: int, frame: Any) -> None:
+            self._pending = True
+            wrapped(signum, frame)
+
+        signal.signal(signal.SIGINT, noted)
+        self._handlers = (noted, wrapped)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._handlers is not None and signal.getsignal(signal.SIGINT) is self._handlers[0]:
+            signal.signal(signal.SIGINT, self._handlers[1])
+        self._handlers = None
+
+    def _raise_a_lost_ctrl_c(self, *_: Any) -> None:
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+    # where work begins, not at an epoch's end: its checkpoint is written first (checkpoint callbacks come last)
+    on_train_epoch_start = on_train_batch_start = on_validation_start = on_validation_batch_start = _raise_a_lost_ctrl_c
 
 
 CPU_HALF_PRECISIONS = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-true": torch.float16}

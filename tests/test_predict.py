@@ -482,6 +482,23 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fm
     assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
 
 
+def test_ctrl_c_while_the_table_is_written_says_the_output_is_incomplete_not_unwritten(
+    checkpoint, images, capsys, monkeypatch
+):
+    import io
+
+    class StoppedMidTable(io.StringIO):
+        def writelines(self, lines):  # the table goes out line by line: Ctrl-C after its first line
+            self.write(next(iter(lines)))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdout", StoppedMidTable())
+    assert main(["predict", *images, "-c", str(checkpoint), "-q"]) == 130
+    assert sys.stdout.getvalue()  # part of the table is out
+    err = capsys.readouterr().err
+    assert err == f"vit predict: stopped by Ctrl-C after {len(images)} inputs: the output is incomplete\n"
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json", "table"])
 def test_output_onto_a_full_disk_is_one_line_and_status_1_not_a_traceback(fmt, checkpoint, tmp_path):
     import resource

@@ -139,6 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
             yield r
             done, failed = done + 1, failed + (r["error"] is not None)
 
+    output = _CheckedOutput(sys.stdout)
     try:
         with _sigterm_as_exception():
             predictor = Predictor.from_checkpoint(
@@ -151,7 +152,6 @@ def _predict(args: argparse.Namespace) -> int:
                 model_name=args.model,
             )
             results = predictor.iter_predict(sources, topk=args.topk, progress=False if args.quiet else None)
-            output = _CheckedOutput(sys.stdout)
             write_results(counted(results), args.format, output)  # JSON and CSV go out as they come
             output.flush()
     except _OutputError as e:  # a full disk, a file-size limit: not a traceback, and not a failed input
@@ -160,7 +160,8 @@ def _predict(args: argparse.Namespace) -> int:
         return 1
     except (KeyboardInterrupt, _Terminated) as e:
         name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
-        written = "the table is not written" if args.format == "table" else "the output is incomplete"
+        # a table goes out once every input is classified, and may be stopped while it does
+        written = "the table is not written" if not output.written else "the output is incomplete"
         print(f"vit predict: stopped by {name} after {done} inputs: {written}", file=sys.stderr)
         return 128 + number  # 130 or 143, what a shell reports for a command that the signal ended
     if failed:
@@ -178,14 +179,17 @@ class _CheckedOutput:
 
     def __init__(self, stream: Any):
         self._stream = stream
+        self.written = False  # whether anything was handed to the stream
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
     def write(self, text: str) -> int:
+        self.written = True
         return self._checked(self._stream.write, text)
 
     def writelines(self, lines: Any) -> None:
+        self.written = True
         return self._checked(self._stream.writelines, lines)
 
     def flush(self) -> None:

@@ -299,3 +299,19 @@ def test_an_onnx_export_stopped_midway_leaves_the_file_that_was_there(before, st
     assert (status, capsys.readouterr().err) == (number, f"vit export: stopped by {name}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", *(["model.onnx"] if before else [])]
     assert before is None or out.read_bytes() == before
+
+
+def test_an_export_into_a_read_only_folder_names_out_not_its_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import vit.export
+
+    def read_only(model, path):  # what the exporter meets on a read-only mount, writing beside --out
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(vit.export, "_write_onnx", read_only)
+    ckpt = write_lightning_ckpt(tmp_path / "last.ckpt")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "-c", str(ckpt), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"vit export: error: {out}: could not write it (Read-only file system)\n"

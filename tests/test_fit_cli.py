@@ -86,6 +86,14 @@ def test_checkpointing_turned_off_trains_without_writing_checkpoints(capsys):
     assert "checkpoints: none (--trainer.enable_checkpointing false)" in capsys.readouterr().out
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line_naming_it(capsys):
+    Path("runs").write_text("a file where the run folders go")  # as a read-only or full file system refuses them
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"vit fit: error: {Path('runs/digits').resolve()}: Not a directory"
+    assert not any("Traceback" in line for line in err)
+
+
 def test_last_checkpoint_is_the_final_model_even_when_the_best_is_older():
     # monitoring 'epoch' in min mode makes epoch 0 the best for good; last.ckpt must still follow every epoch
     never_better = ["--checkpoint.monitor", "epoch", "--checkpoint.mode", "min", "--trainer.max_epochs", "3"]

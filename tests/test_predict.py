@@ -482,6 +482,22 @@ def test_output_into_a_pipe_closed_early_ends_quietly_with_the_sigpipe_status(fm
     assert first.strip() and err == "" and status == 141  # 128 + SIGPIPE, as a tool killed by SIGPIPE reports
 
 
+def test_attention_into_a_folder_it_cannot_write_is_one_line_naming_the_file(checkpoint, images, tmp_path, capsys,
+                                                                          monkeypatch):  # fmt: skip
+    import errno
+    import os
+
+    from matplotlib.figure import Figure
+
+    def read_only(self, fname, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    out = tmp_path / "map.png"
+    assert main(["attention", images[0], "-c", str(checkpoint), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"vit attention: error: {out}: could not write it (Read-only file system)\n"
+
+
 def test_ctrl_c_while_the_table_is_written_says_the_output_is_incomplete_not_unwritten(
     checkpoint, images, capsys, monkeypatch
 ):

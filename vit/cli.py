@@ -346,9 +346,12 @@ def _attention(args: argparse.Namespace) -> int:
     if args.target is not None:  # the prediction is still worth knowing when another class is explained
         lines.append(f"target: {predictor.label(index)} (class {index}, p={probs[index]:.3f})")
     options = ", ".join(f"{k} {v}" for k, v in chosen.items())
-    out.parent.mkdir(parents=True, exist_ok=True)  # as `vit export` makes its --out's folders
     figure = attention_figure(shown, heat, title="; ".join(lines), map_title=f"{method} {options}".strip())
-    figure.savefig(out, dpi=120)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as `vit export` makes its --out's folders
+        figure.savefig(out, dpi=120)
+    except OSError as e:  # a read-only folder, a full disk: as `vit export` says it
+        raise ValueError(f"{out}: could not write it ({e.strerror or e})") from None
     print(*lines, f"wrote {out}", sep="\n")
     return 0
 

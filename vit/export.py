@@ -139,7 +139,8 @@ def export_checkpoint(
         else:
             save_safetensors(model, out, class_names=checkpoint.class_names, data_config=meta["data_config"])
     except (OSError, SafetensorError) as e:  # a full disk, a folder we may not write to, a file where a folder goes
-        raise ValueError(f"{out}: could not write it ({e})") from None
+        # strerror: an OSError's own text names the temporary file beside `out`
+        raise ValueError(f"{out}: could not write it ({getattr(e, 'strerror', None) or e})") from None
     suffix = out.suffix.lstrip(".").lower()
     if suffix != fmt and (suffix in FORMATS or fmt == "safetensors"):
         # vit and timm pick a weights file's reader by its suffix: under another name it would not load again

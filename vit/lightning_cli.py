@@ -47,6 +47,9 @@ def _lightning_main(argv: list[str]) -> int:
             message = str(e).strip().splitlines()[0]
             print(f"vit {argv[0]}: error: {message}{LIGHTNING_HINTS.get(message, '')}", file=sys.stderr)
             return 2
+        if isinstance(e, OSError) and e.filename:  # e.g. a run folder that cannot be made: read-only, not ours
+            print(f"vit {argv[0]}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 2
         if name in ("NonFiniteTrainingError", "CheckpointWriteError"):  # a run that went wrong, not a bad command
             print(f"vit {argv[0]}: error: {e}", file=sys.stderr)
             return 1

@@ -18,9 +18,10 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from vit.cli_exit import CheckedOutput, OutputError, Terminated, sigterm_as_exception, stdout_to_devnull
 
 # vit.weights' CheckpointError is a ValueError; naming it here would import torch before main() can catch a Ctrl-C
 USER_ERRORS = (FileNotFoundError, ValueError)
@@ -139,9 +140,9 @@ def _predict(args: argparse.Namespace) -> int:
             yield r
             done, failed = done + 1, failed + (r["error"] is not None)
 
-    output = _CheckedOutput(sys.stdout)
+    output = CheckedOutput(sys.stdout)
     try:
-        with _sigterm_as_exception():
+        with sigterm_as_exception():
             predictor = Predictor.from_checkpoint(
                 args.checkpoint,
                 device=args.device,
@@ -154,12 +155,12 @@ def _predict(args: argparse.Namespace) -> int:
             results = predictor.iter_predict(sources, topk=args.topk, progress=False if args.quiet else None)
             write_results(counted(results), args.format, output)  # JSON and CSV go out as they come
             output.flush()
-    except _OutputError as e:  # a full disk, a file-size limit: not a traceback, and not a failed input
+    except OutputError as e:  # a full disk, a file-size limit: not a traceback, and not a failed input
         print(f"vit predict: error: {e}; stopped after {done} inputs: the output is incomplete", file=sys.stderr)
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return 1
-    except (KeyboardInterrupt, _Terminated) as e:
-        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
+    except (KeyboardInterrupt, Terminated) as e:
+        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("Ctrl-C", signal.SIGINT)
         # a table goes out once every input is classified, and may be stopped while it does
         written = "the table is not written" if not output.written else "the output is incomplete"
         print(f"vit predict: stopped by {name} after {done} inputs: {written}", file=sys.stderr)
@@ -167,68 +168,6 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"vit predict: {failed} of {done} inputs could not be classified", file=sys.stderr)
     return 1 if failed else 0
-
-
-class _OutputError(Exception):
-    """Standard output could not be written (a full disk, a file-size limit); not a reader that went away."""
-
-
-class _CheckedOutput:
-    """A text stream whose write errors, but for a closed pipe (`| head`), are `_OutputError`: told apart from
-    an OSError of reading an input or a checkpoint."""
-
-    def __init__(self, stream: Any):
-        self._stream = stream
-        self.written = False  # whether anything was handed to the stream
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def write(self, text: str) -> int:
-        self.written = True
-        return self._checked(self._stream.write, text)
-
-    def writelines(self, lines: Any) -> None:
-        self.written = True
-        return self._checked(self._stream.writelines, lines)
-
-    def flush(self) -> None:
-        return self._checked(self._stream.flush)
-
-    @staticmethod
-    def _checked(write: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return write(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise _OutputError(f"cannot write the output ({e.strerror or e})") from None
-
-
-def _stdout_to_devnull() -> None:
-    """Python's recipe after a failed write to stdout: point it at devnull, so that the flush at exit, of what is
-    still buffered, does not fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-class _Terminated(BaseException):
-    """SIGTERM (`kill`, `timeout`, a batch scheduler), raised as Python raises KeyboardInterrupt for Ctrl-C; not an
-    Exception, which reading an image turns into that image's error."""
-
-
-@contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    """Inside, SIGTERM raises `_Terminated`, so that the output written so far is flushed and the run ends in one
-    line. (vit.predict's DataLoader workers end quietly on theirs.)"""
-
-    def handler(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -428,17 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"vit {argv[0]}" if argv and not argv[0].startswith("-") else "vit"
     try:
         status = _run(argv)
-        _CheckedOutput(sys.stdout).flush()  # here rather than at exit, so that a failed write is noticed below
+        CheckedOutput(sys.stdout).flush()  # here rather than at exit, so that a failed write is noticed below
         return status
     except BrokenPipeError:  # the reader has all it wants (`vit predict ... | head`): stop quietly
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return BROKEN_PIPE_STATUS
-    except _OutputError as e:
+    except OutputError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
-        _stdout_to_devnull()
+        stdout_to_devnull()
         return 1
-    except (KeyboardInterrupt, _Terminated) as e:  # while torch, timm or Lightning import, say, or an export
-        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, _Terminated) else ("Ctrl-C", signal.SIGINT)
+    except (KeyboardInterrupt, Terminated) as e:  # while torch, timm or Lightning import, say, or an export
+        name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("Ctrl-C", signal.SIGINT)
         print(f"{command}: stopped by {name}", file=sys.stderr)
         return 128 + number  # 130 or 143, as `vit predict` stopped mid-run
 
@@ -455,7 +394,7 @@ def _run(argv: list[str]) -> int:
         return 2
     try:
         # SIGTERM as an exception, as Ctrl-C is: an export's half-written file is removed on the way out
-        with warnings.catch_warnings(), _sigterm_as_exception():
+        with warnings.catch_warnings(), sigterm_as_exception():
             warnings.showwarning = _one_line_warning(args.command)
             return args.handler(args)
     except USER_ERRORS as e:

@@ -62,7 +62,7 @@ class Terminated(BaseException):
 
 @contextmanager
 def sigterm_as_exception() -> Iterator[None]:
-    """Inside, SIGTERM raises `_Terminated`, so that the output written so far is flushed and the run ends in one
+    """Inside, SIGTERM raises `Terminated`, so that the output written so far is flushed and the run ends in one
     line. (vit.predict's DataLoader workers end quietly on theirs.)"""
 
     def handler(signum: int, frame: object) -> None:

@@ -36,6 +36,8 @@ def _lightning_main(argv: list[str]) -> int:
     except SystemExit as e:  # jsonargparse's own errors and --help / --print_config
         if type(e).__name__ == "SIGTERMException":  # Lightning's, after a SIGTERM: not a usage error (2)
             return 128 + 15  # the status of a Unix command that SIGTERM ended
+        if isinstance(e.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) once it handled a Ctrl-C
+            return 128 + 2  # 130, as a shell reports for a command Ctrl-C ended, and as every other vit command
         return e.code if isinstance(e.code, int) else 2
     except Exception as e:  # Lightning's classes by name: importing them at the top would import Lightning
         name = type(e).__name__

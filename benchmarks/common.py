@@ -36,12 +36,17 @@ def model_pair(name: str | None = None, **kwargs: Any) -> tuple[torch.nn.Module,
     return ours, reference
 
 
-def check_same_logits(ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-5) -> float:
-    """The largest logit difference on `x` in inference mode; exits when above `tol` (the timing would be moot)."""
+def check_same_logits(
+    ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, tol: float = 1e-5, name: str = "the models"
+) -> float:
+    """The largest logit difference on `x` in inference mode; exits naming `name` when above `tol` (the timing
+    would be moot)."""
     with torch.inference_mode():
         gap = (ours.eval()(x) - reference.eval()(x)).abs().max().item()
     if gap > tol:
-        raise SystemExit(f"ours and timm disagree by {gap:.2e} > {tol:.0e}; the comparison would be meaningless")
+        raise SystemExit(
+            f"{name}: ours and timm disagree by {gap:.2e} > {tol:.0e}; the comparison would be meaningless"
+        )
     return gap
 
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         ours, reference = model_pair(name, **depth)
         x = torch.randn(args.batch_size, *ours.pretrained_cfg["input_size"])
-        check_same_logits(ours, reference, x)
+        check_same_logits(ours, reference, x, name=name)
         flops, gemm_flops = forward_flops(reference, x), forward_flops(reference, x, attention=False)
         if (forward_flops(ours, x), forward_flops(ours, x, attention=False)) != (flops, gemm_flops):
             raise SystemExit(f"{name}: FlopCounterMode counts ours and timm's differently")

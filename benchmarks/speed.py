@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "infer"):
         ours, reference = model_pair(args.model, **depth)
         x = torch.randn(args.infer_batch, *ours.pretrained_cfg["input_size"])
-        gap = check_same_logits(ours, reference, x)
+        gap = check_same_logits(ours, reference, x, name=args.model)
         times = interleaved({"ours": inference_step(ours, x), "timm": inference_step(reference, x)}, args.rounds)
         report(f"infer {args.model} b{args.infer_batch}", times, args.infer_batch)
         print(f"{'':<34} largest logit difference {gap:.1e}")

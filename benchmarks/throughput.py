@@ -12,56 +12,36 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import timm
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `vit`, installed or not
-from common import parse_args
-
-import vit
+from common import check_same_logits, interleaved, model_pair, parse_args, speedup
 
 
-def images_per_second(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
+def forward_passes(model: torch.nn.Module, x: torch.Tensor, passes: int) -> None:
+    """`passes` forward passes of `x`: one timing."""
+    for _ in range(passes):
         model(x)
-    return iters * x.shape[0] / (time.perf_counter() - start)
 
 
 def compare(name: str, batch: int, rounds: int, iters: int, warmup: int, **overrides: int) -> dict[str, float]:
     """Median images/s of ours and timm's, and per-round ratios (median, quartiles) of ours/timm and of a
     second timm copy/timm: the control, which shows how far two identical models drift apart on this machine."""
-    reference = timm.create_model(name, **overrides).eval()
-    models = {
-        "ours": vit.create_model(name, **overrides),
-        "timm": reference,
-        "timm#2": timm.create_model(name, **overrides),
-    }
-    for model in models.values():
-        model.load_state_dict(reference.state_dict(), strict=True)
-        model.eval()
+    ours, reference = model_pair(name, **overrides)
+    control = timm.create_model(name, **overrides)
+    control.load_state_dict(reference.state_dict(), strict=True)
+    models = {"ours": ours, "timm": reference, "timm#2": control.eval()}
     x = torch.randn(batch, *reference.pretrained_cfg["input_size"])
-    speed: dict[str, list[float]] = {key: [] for key in models}
+    check_same_logits(ours, reference, x, tol=1e-4, name=name)
     with torch.inference_mode():
-        gap = (models["ours"](x) - reference(x)).abs().max().item()
-        if gap > 1e-4:
-            raise SystemExit(f"{name}: ours and timm disagree by {gap:.2e}; the comparison would be meaningless")
         for model in models.values():
-            images_per_second(model, x, warmup)
-        keys = list(models)
-        for r in range(rounds):  # rotate who goes first, so drift in machine load hits every model alike
-            for key in keys[r % 3 :] + keys[: r % 3]:
-                speed[key].append(images_per_second(models[key], x, iters))
-    out = {key: statistics.median(v) for key, v in speed.items()}
+            forward_passes(model, x, warmup)
+        runs = {key: partial(forward_passes, model, x, iters) for key, model in models.items()}
+        times = interleaved(runs, rounds, warmup=0)
+    out = {key: statistics.median(batch * iters / t for t in v) for key, v in times.items()}
     for key in ("ours", "timm#2"):
-        ratios = [a / b for a, b in zip(speed[key], speed["timm"])]
-        out[f"{key}/timm"] = statistics.median(ratios)
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        out[f"{key}/timm q1"], out[f"{key}/timm q3"] = quartiles[0], quartiles[2]
+        out[f"{key}/timm"], out[f"{key}/timm q1"], out[f"{key}/timm q3"] = speedup(times, key, "timm")
     return out
 
 

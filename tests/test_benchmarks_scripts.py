@@ -58,7 +58,8 @@ def test_a_data_dir_that_is_no_image_folder_is_one_usage_line_before_any_work(
         module.main(["--data-dir", str(folder), "--quick"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f".py: error: argument --data-dir: {folder}: {message}" in err  # (the prog name is pytest's here)
+    # the prog name is pytest's here: 'pytest', or '-c' in an xdist worker
+    assert f": error: argument --data-dir: {folder}: {message}" in err
 
 
 class _Reached(Exception):

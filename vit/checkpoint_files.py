@@ -40,6 +40,7 @@ class Checkpoint:
 
     @property
     def num_classes(self) -> int:
+        """Outputs of the checkpoint's head; 0 for a backbone without one."""
         head = self.state_dict.get("head.weight")
         return 0 if head is None else head.shape[0]
 

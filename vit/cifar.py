@@ -98,6 +98,7 @@ class CIFAR10DataModule(VisionDataModule):
         self.root = Path(data_dir) / self.spec.base_folder
 
     def prepare_data(self) -> None:
+        """Download and extract the archive when `download` is on and a file is missing."""
         if self.hparams.download and self._missing():
             self._refuse_the_folder_itself()  # rather than download a second copy inside the first
             from torchvision.datasets.utils import download_and_extract_archive
@@ -139,6 +140,7 @@ class CIFAR10DataModule(VisionDataModule):
         return ArrayImages(np.concatenate(images), targets, f"{self.dataset_name}")
 
     def setup(self, stage: str) -> None:
+        """Check that the copy is whole, read the class names from its meta file, then build the splits."""
         missing = self._missing()
         if missing:
             self._refuse_the_folder_itself()

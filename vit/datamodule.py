@@ -257,6 +257,7 @@ class VisionDataModule(L.LightningDataModule):
         return x
 
     def teardown(self, stage: str) -> None:
+        """One warning for the stage's unreadable images: how many, and the first three with their reasons."""
         if self.skipped:
             named = [f"{name} ({reason})" for name, reason in list(self.skipped.items())[:3]]
             more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""

@@ -30,10 +30,11 @@ class FileImages:
         self.targets = [t for _, t in samples]
 
     def load(self, i: int, mode: str, min_size: int | None = None) -> Image.Image:
-        # as `vit predict` reads it: upright, alpha on white, 8-bit, a large JPEG decoded at reduced scale
+        """Image `i` in `mode` ('RGB' or 'L'), read as `vit predict` reads it (`vit.images.read_image`)."""
         return read_image(self.paths[i], mode, min_size)
 
     def name(self, i: int) -> str:
+        """Image `i` as messages name it: its path."""
         return self.paths[i]
 
 
@@ -44,9 +45,11 @@ class ArrayImages:
         self.images, self.targets, self.label = images, [int(t) for t in targets], label
 
     def load(self, i: int, mode: str, min_size: int | None = None) -> Image.Image:
+        """Image `i` in `mode`; `min_size` (a JPEG's decoding scale) does not apply to arrays."""
         return Image.fromarray(self.images[i]).convert(mode)
 
     def name(self, i: int) -> str:
+        """Image `i` as messages name it: 'label[i]'."""
         return f"{self.label}[{i}]"
 
 
@@ -221,6 +224,7 @@ def carve(targets: Sequence[int], indices: Sequence[int], fraction: float, seed:
 
 
 def class_folders(folder: Path) -> list[str]:
+    """The names of the sub-folders of `folder` (hidden ones aside), sorted: its classes."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

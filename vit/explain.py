@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +253,9 @@ def _grid(vit: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
     return x.shape[-2] // p, x.shape[-1] // p
 
 
-def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", target: Target = None, **kw) -> torch.Tensor:
+def explain(
+    model: nn.Module, x: torch.Tensor, method: str = "rollout", target: Target = None, **kw: Any
+) -> torch.Tensor:
     """Heat maps (B, H, W) in [0, 1] at input resolution; `target` (gradient methods) defaults to the
     predicted class. Options: raw `layer=-1, head=None`; (grad_)rollout `head_fusion='mean', discard_ratio=0`."""
     if method not in METHODS:

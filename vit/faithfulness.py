@@ -11,6 +11,8 @@ image's own per-channel mean instead; a tensor broadcastable to the input is use
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,21 +91,29 @@ def area_under_curve(fractions: torch.Tensor, curve: torch.Tensor) -> torch.Tens
     return torch.trapezoid(curve, fractions, dim=-1)
 
 
-def deletion_curve(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw):
+def deletion_curve(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities as the most relevant patches are removed first: (fractions (S+1,), curve (B, S+1))."""
     return perturbation_curve(model, x, maps, target, mode="deletion", **kw)
 
 
-def insertion_curve(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw):
+def insertion_curve(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities as the most relevant patches are put back first: (fractions (S+1,), curve (B, S+1))."""
     return perturbation_curve(model, x, maps, target, mode="insertion", **kw)
 
 
-def deletion_score(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw) -> torch.Tensor:
+def deletion_score(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw: Any
+) -> torch.Tensor:
     """Area under the deletion curve per image (B,); lower means a more faithful map."""
     return area_under_curve(*deletion_curve(model, x, maps, target, **kw))
 
 
-def insertion_score(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw) -> torch.Tensor:
+def insertion_score(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: Target = None, **kw: Any
+) -> torch.Tensor:
     """Area under the insertion curve per image (B,); higher means a more faithful map."""
     return area_under_curve(*insertion_curve(model, x, maps, target, **kw))

@@ -93,6 +93,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, if any, and the registers."""
         return int(self.class_token) + self.reg_tokens
 
     @classmethod
@@ -206,6 +207,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> activation -> fc2, each followed by dropout."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
@@ -220,6 +223,8 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT), starting at `init_values`."""
+
     def __init__(self, dim: int, init_values: float):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
@@ -279,10 +284,12 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Outputs of the head; 0 when there is none."""
         return self.cfg.num_classes
 
     @property
     def embed_dim(self) -> int:
+        """Token width D (timm's `num_features` too)."""
         return self.cfg.embed_dim
 
     num_features = embed_dim
@@ -329,6 +336,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """Tokens (B, N, D) -> (B, D): the class token ('token') or the patch mean ('avg'); '' keeps every token.
+        `pool_type` defaults to the config's `global_pool`."""
         pool_type = self.cfg.global_pool if pool_type is None else pool_type
         if pool_type == "token":
             return x[:, 0]

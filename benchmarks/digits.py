@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ def baselines() -> dict[str, float]:
 
 
 def vit_command(args: list[str], cwd: Path) -> tuple[str, float]:
+    """`vit ARGS` in `cwd` as its own process, as a user runs it: (stdout, wall seconds); exits when it fails."""
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "vit.cli", *args], cwd=cwd, capture_output=True, text=True, env=_env(), check=False
@@ -53,8 +55,6 @@ def vit_command(args: list[str], cwd: Path) -> tuple[str, float]:
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
@@ -67,6 +67,7 @@ def test_accuracy(checkpoint: str, config: Path, work: Path) -> float:
 
 
 def summary(name: str, values: list[float], reference: dict[str, float]) -> None:
+    """One line: the mean test accuracy over the seeds, half its range, and its ratio to each baseline's."""
     mean, spread = statistics.mean(values), (max(values) - min(values)) / 2
     ratios = "  ".join(f"vit / {k} = {mean / v:.4f}" for k, v in reference.items())
     print(f"{name:>10}: test accuracy {mean:.4f} ± {spread:.4f} (half range; min {min(values):.4f})  {ratios}")

@@ -22,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`fn`, then a wait for the GPU to finish it: a timer then measures the work, not its launch."""
+
     def call() -> None:
         fn()
         if device.type == "cuda":
@@ -116,6 +118,7 @@ def throughput(name: str, device: torch.device, batch: int, rounds: int, compile
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The smoke test, then ours/timm throughput (eager; also compiled with --compile); status 1 without CUDA."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -81,7 +81,9 @@ def random_image_folder(root: Path, classes: int, per_class: int, size: int = 32
     return root
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ls: float):
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, ls: float
+) -> None:
     """One plain training step: forward, label-smoothed cross-entropy, backward, AdamW."""
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y, label_smoothing=ls).backward()

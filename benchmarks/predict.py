@@ -18,7 +18,9 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from vit.predict import Predictor  # noqa: E402
 CIFAR_CANDIDATES = [ROOT.parent / "shared/data/cifar10-train", ROOT.parents[1] / "shared/data/cifar10-train"]
 MODEL = "vit_tiny_patch16_224"
 SIZE = 224
+T = TypeVar("T")
 
 
 def make_jpegs(folder: Path, count: int, source: Path | None, size: tuple[int, int] = (SIZE, SIZE)) -> list[Path]:
@@ -59,7 +62,9 @@ def make_jpegs(folder: Path, count: int, source: Path | None, size: tuple[int, i
     return paths
 
 
-def plain_loop(model: torch.nn.Module, transform, paths: list[Path], batch_size: int) -> list[int]:
+def plain_loop(
+    model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], paths: list[Path], batch_size: int
+) -> list[int]:
     """What one would write by hand: decode, transform and classify, one batch after another."""
     top1 = []
     for start in range(0, len(paths), batch_size):
@@ -70,7 +75,8 @@ def plain_loop(model: torch.nn.Module, transform, paths: list[Path], batch_size:
     return top1
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """(seconds that `fn()` took, what it returned)."""
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from common import SMALL_32, check_same_logits, header, interleaved, model_pair, parse_args, speedup
 
 
-def inference_step(model: torch.nn.Module, x: torch.Tensor):
+def inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One forward pass without autograd."""
     model.eval()
 
@@ -32,7 +33,7 @@ def inference_step(model: torch.nn.Module, x: torch.Tensor):
     return step
 
 
-def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False):
+def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
     """Forward, cross-entropy, backward and an AdamW step, with the optimizer's defaults; the forward under CPU
     bfloat16 autocast (Lightning's `bf16-mixed`) if `bf16`."""
     model.train()
@@ -49,6 +50,7 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16
 
 
 def report(label: str, times: dict[str, list[float]], batch: int) -> None:
+    """One line: each side's median img/s, and the per-round ratio ours/timm with its quartiles."""
     ours, base = statistics.median(times["ours"]), statistics.median(times["timm"])
     ratio, q1, q3 = speedup(times, "ours", "timm")
     print(

@@ -1,4 +1,5 @@
-"""What the model benchmarks share: our model and timm's on the same weights, and an interleaved timer.
+"""What the benchmarks share: our model and timm's on the same weights, an interleaved timer and its ratios, and
+the command line's pieces (`--quick` defaults that explicit options override, a checked `--data-dir`, the header).
 
 Every figure the benchmarks print is a ratio against a baseline measured in the same process, in alternating order,
 so that load from other processes (this machine's two cores are shared) hits both sides alike.

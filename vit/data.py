@@ -1,11 +1,11 @@
 """LightningDataModules: scikit-learn's digits, CIFAR-10/100 and ImageNet-style folders, all importable from here.
 
-Every module decodes images lazily, splits them, and transforms them with timm's `create_transform` from the
-model's data config (input size, mean, std, interpolation, crop), which the trainer's LightningModule supplies
-at `setup`. Training images are augmented; validation and test images never are. Small sets (digits) are kept
-in memory as tensors and augmented a whole batch at a time. An image that cannot be read is dropped from its
-batch, and one warning counts them at the end of each stage. What they share is `vit.datamodule.VisionDataModule`;
-the CIFAR modules, with their batch-file readers, are in `vit.cifar`.
+Every module decodes images as the loader asks for them (or once, up front, with `in_memory`), splits them, and
+transforms them with timm's `create_transform` from the model's data config (input size, mean, std, interpolation,
+crop), which the trainer's LightningModule supplies at `setup`. Training images are augmented; validation and test
+images never are. Small sets (digits) are kept in memory as tensors and augmented a whole batch at a time. An
+image that cannot be read is dropped from its batch, and one warning counts them at the end of each stage. What they
+share is `vit.datamodule.VisionDataModule`; the CIFAR modules, with their batch-file readers, are in `vit.cifar`.
 """
 
 from __future__ import annotations

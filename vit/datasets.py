@@ -1,5 +1,7 @@
-"""Where images come from (files, in-memory arrays) and the Dataset that decodes and
-transforms them, turning an unreadable image into a `Skipped` marker that `collate_skipping` drops."""
+"""Where images come from (files, in-memory arrays) and the Dataset that decodes and transforms them, turning an
+unreadable image into a `Skipped` marker that `collate_skipping` drops; and what the data modules build from: the
+whole-batch augmentations (random resized crop, random erasing), per-image colour ops on 8-bit tensors
+(`EachImage`), their normalisation (`EightBitToModelInput`), the validation split (`carve`) and class folders."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def _fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @lru_cache(maxsize=256)
 def _fuses_exactly(rows: int, k: int, n: int, bias: bool, gelu: bool, threads: int) -> bool:
-    """Whether the fused op equals F.linear (then exact GELU) bit for bit at this shape, tried once on random data."""
+    """Whether the fused op equals F.linear (then exact GELU) bit for bit at this shape, tried once on random data.
+    `threads` only keys the cache: the GEMMs may split their sums differently on another number of threads."""
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     b = b if bias else None

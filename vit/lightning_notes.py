@@ -1,7 +1,8 @@
 """Lightning's notes that ask nothing of a vit user, silenced narrowly (a logger and a message, or a warning's
-category, message and module) for the command line, scripts and notebooks alike. Importing `vit.data` (which
-`vit.module` does) calls `silence_lightning_notes`, and so do `vit fit | validate | test` and the `setup` of our
-modules at each run: a `warnings.catch_warnings` around the import (pytest's collection, say) undoes a filter."""
+category, message and module) for the command line, scripts and notebooks alike. Importing `vit.datamodule`
+(which `vit.data` and `vit.module` do) calls `silence_lightning_notes`, and so do `vit fit | validate | test` and the
+`setup` of our modules at each run: a `warnings.catch_warnings` around the import (pytest's collection, say) undoes
+a filter."""
 
 from __future__ import annotations
 

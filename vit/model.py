@@ -1,7 +1,7 @@
 """The Vision Transformer: one readable file, state-dict compatible with timm's `VisionTransformer`.
 
-PatchEmbed -> [cls, reg..] + pos -> Blocks (pre-norm attention + MLP) -> norm -> pool -> fc_norm -> head.
-Checkpoint conversions live in `vit.weights`, never here.
+PatchEmbed -> [cls, reg..] + pos -> Blocks (pre-norm attention + MLP) -> norm -> pool -> fc_norm -> head, and the
+preprocessing timm uses for its ViTs (`default_data_config`). Checkpoint conversions live in `vit.weights`, never here.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ POOLS = ("token", "avg", "")
 
 @dataclass
 class ViTConfig:
-    """Every hyperparameter of a ViT. Field names are timm's, so `timm VisionTransformer(**kw)` and
-    `VisionTransformer(ViTConfig(**kw))` build the same network."""
+    """Every hyperparameter of a ViT. Field names are timm's (`conv_stem` aside: timm has none), so
+    `timm VisionTransformer(**kw)` and `VisionTransformer(ViTConfig(**kw))` build the same network."""
 
     img_size: int | tuple[int, int] = 224
     patch_size: int = 16
@@ -255,7 +255,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """An encoder-only Transformer over image patches with a class token (Dosovitskiy et al., 2020)."""
+    """An encoder-only Transformer over image patches (Dosovitskiy et al., 2020), read out from a class token or
+    the mean of the patch tokens."""
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides: Any):
         super().__init__()

@@ -24,7 +24,7 @@ from vit.checkpoint_files import CheckpointError, short_list
 from vit.datamodule import plain_data_config
 from vit.factory import create_model
 from vit.flops import counting_cpu_attention
-from vit.lightning_notes import silence_lightning_notes  # called when vit.data is imported, and at setup
+from vit.lightning_notes import silence_lightning_notes  # called when vit.datamodule is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
 from vit.schedule import (
     WarmupCosine,

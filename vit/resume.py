@@ -1,4 +1,7 @@
-"""Exact resume: every checkpoint carries the random-number generators of every rank, and reaches the disk whole.
+"""Resuming `vit fit`: checkpoints that carry the random-number generators of every rank and reach the disk whole;
+the checkpoint callbacks (best.ckpt, which a tie moves on; last.ckpt, at a bounded share of the run's time; where
+to resume from after Ctrl-C); and `--ckpt_path`'s helpers (`last` or `best` of the latest run, the settings that a
+checkpoint replaces, a run with nothing left to train).
 
 Lightning restores the weights, optimiser, LR schedule and loop counters, but not the global RNGs (it only
 copies them into `ddp_spawn` children). Our data draw from those: the training sampler seeds itself from the

@@ -1,7 +1,8 @@
 """Guards for long runs and untrusted files: checkpoints are checked with `torch.load(weights_only=True)`
 before Lightning opens them, a non-finite loss stops training before it reaches the weights, a process that
-fails in a multi-process run ends the others instead of leaving them waiting, and a half precision that this CPU
-can only emulate is named before the run crawls."""
+fails in a multi-process run ends the others instead of leaving them waiting, a run that fails before its first
+step leaves no run folder behind, and a half precision that this CPU can only emulate is named before the run
+crawls."""
 
 from __future__ import annotations
 

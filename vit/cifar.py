@@ -137,7 +137,7 @@ class CIFAR10DataModule(VisionDataModule):
             data, labels = read_cifar_batch(self.root / name, ["labels", "fine_labels"], len(self.class_names))
             images.append(data)
             targets.extend(labels)
-        return ArrayImages(np.concatenate(images), targets, f"{self.dataset_name}")
+        return ArrayImages(np.concatenate(images), targets, self.dataset_name)
 
     def setup(self, stage: str) -> None:
         """Check that the copy is whole, read the class names from its meta file, then build the splits."""

@@ -390,10 +390,11 @@ class ViTClassifier(L.LightningModule):
         }
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
-            rebuilt = {"model_config": self.model.cfg.to_dict(), "model_overrides": None, "pretrained": None}
             checkpoint["hyper_parameters"] = {
                 **hparams,
-                **rebuilt,
+                "model_config": self.model.cfg.to_dict(),
+                "model_overrides": None,
+                "pretrained": None,
                 "img_size": None,
                 "num_classes": self.model.num_classes,
             }

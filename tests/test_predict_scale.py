@@ -269,6 +269,14 @@ def test_ctrl_c_while_the_command_imports_ends_in_one_line_with_status_130(argv,
     assert done.stderr == f"vit {argv[0]}: stopped by Ctrl-C\n"
 
 
+def test_python_dash_m_vit_is_the_vit_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "vit", "models", "vit_tiny*"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "vit_tiny_patch16_224" in done.stdout
+
+
 def test_the_command_line_offers_exactly_the_attention_methods_and_head_fusions_of_vit_explain():
     from vit import cli
     from vit.explain import HEAD_FUSIONS, METHODS  # `vit.explain` itself is the function

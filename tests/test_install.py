@@ -26,6 +26,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
+    shutil.copy(ROOT / "LICENSE", src)
     for folder in ("vit", "configs"):
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
@@ -102,3 +103,4 @@ def test_the_wheel_carries_vit_version_and_an_spdx_license(wheel):
     headers = dict(line.split(": ", 1) for line in wheel.read(metadata).decode().split("\n\n")[0].splitlines())
     assert headers["Version"] == vit.__version__  # one version: `vit --version` and pip's agree
     assert headers["License-Expression"] == "Apache-2.0"  # setuptools deprecates the `{text = ...}` table
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel.namelist())  # and its text

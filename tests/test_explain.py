@@ -275,7 +275,8 @@ def test_maps_equal_reference_implementations_on_timm_attention(method, options,
     else:
         joint = (_reference_grad_rollout if method == "grad_rollout" else _reference_chefer)(maps, grads)
     expected = _reference_map(joint, model, (16, 24))
-    torch.testing.assert_close(vit.explain(model, x, method, target=target, **options), expected)
+    given = {} if method == "rollout" else {"target": target}
+    torch.testing.assert_close(vit.explain(model, x, method, **given, **options), expected)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -332,6 +333,15 @@ def test_average_pooled_model_without_class_token_reads_the_mean_of_the_patch_ro
         model(x)
     patches_to_patches = rec.maps[0].mean(1)[:, 1:, 1:].mean(1)
     torch.testing.assert_close(vit.explain(model, x, "raw", layer=0), _minmax(patches_to_patches.view(2, 4, 6)))
+
+
+@pytest.mark.parametrize("method", ["raw", "rollout"])
+def test_a_target_given_to_a_method_that_maps_every_class_alike_is_warned_about(method):
+    model = peaked(small_cfg())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=f"{method} maps are the same for every class: target is not used"):
+        maps = vit.explain(model, x, method, target=1)
+    torch.testing.assert_close(maps, vit.explain(model, x, method))
 
 
 def test_gradient_methods_explain_the_predicted_class_unless_told_otherwise():

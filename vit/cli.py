@@ -279,7 +279,7 @@ def _attention(args: argparse.Namespace) -> int:
     index = predicted if args.target is None else args.target
     if not 0 <= index < model.num_classes:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
-    heat = explain(model, x, method, target=index, **chosen)[0]
+    heat = explain(model, x, method, target=index if METHODS[method][0] else None, **chosen)[0]
     shown = model_view(x[0], predictor.data_config)  # the crop the model saw, so the map lines up with it
     lines = [f"predicted: {predictor.label(predicted)} (class {predicted}, p={probs[predicted]:.3f})"]
     if args.target is not None:  # the prediction is still worth knowing when another class is explained

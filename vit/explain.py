@@ -17,6 +17,7 @@ so register tokens and the class token never appear in a map.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -256,8 +257,9 @@ def _grid(vit: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
 def explain(
     model: nn.Module, x: torch.Tensor, method: str = "rollout", target: Target = None, **kw: Any
 ) -> torch.Tensor:
-    """Heat maps (B, H, W) in [0, 1] at input resolution; `target` (gradient methods) defaults to the
-    predicted class. Options: raw `layer=-1, head=None`; (grad_)rollout `head_fusion='mean', discard_ratio=0`."""
+    """Heat maps (B, H, W) in [0, 1] at input resolution; `target` (gradient methods only; a warning otherwise)
+    defaults to the predicted class. Options: raw `layer=-1, head=None`; (grad_)rollout `head_fusion='mean',
+    discard_ratio=0`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     needs_grad, fn = METHODS[method]
@@ -265,6 +267,8 @@ def explain(
     if unknown := sorted(set(kw) - set(options)):
         takes = f"takes {', '.join(options)}" if options else "takes no options"
         raise ValueError(f"method {method!r} {takes}; got {', '.join(unknown)}")
+    if target is not None and not needs_grad:  # stacklevel 2: the warning names the caller's line
+        warnings.warn(f"{method} maps are the same for every class: target is not used", stacklevel=2)
     vit = find_vit(model)
     maps, grads, _ = attention_and_grads(model, x, target, grads=needs_grad)
     scores = readout(fn(maps, grads, **kw), vit)  # (B, num_patches)

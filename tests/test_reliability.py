@@ -3,8 +3,10 @@ without spoiling the checkpoints, and two runs with the same seed agree exactly.
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
+import math
 import os
 import re
 import subprocess
@@ -185,10 +187,11 @@ def test_resuming_our_own_checkpoint_works_under_weights_only(tmp_path, monkeypa
 
 def test_resuming_with_more_epochs_says_the_restored_schedule_ends_sooner(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert _fit("--trainer.max_epochs", "1") == 0
+    shorter_warmup = ["--model.warmup_epochs", "0.5"]  # 2 steps of the 3 the schedule is planned for
+    assert _fit("--trainer.max_epochs", "1", *shorter_warmup) == 0
     assert "LR schedule" not in capsys.readouterr().err  # a fresh schedule: nothing to say
     last = "runs/digits/version_0/checkpoints/last.ckpt"
-    assert _fit("--trainer.max_epochs", "2", "--ckpt_path", last) == 0
+    assert _fit("--trainer.max_epochs", "2", *shorter_warmup, "--ckpt_path", last) == 0
     err = capsys.readouterr().err
     assert "dirpath has changed" not in err  # the resumed run's own folder: Lightning's note is noise
     warnings = [line for line in err.splitlines() if "LR schedule" in line]
@@ -197,6 +200,26 @@ def test_resuming_with_more_epochs_says_the_restored_schedule_ends_sooner(tmp_pa
         and f"resumed from {last} was planned to end at step 3 and this run ends at step 6" in (warnings[0])
     )
     assert "floor after step 3" in warnings[0] and f"--model.pretrained {last}" in warnings[0]
+
+
+def test_the_resumed_schedule_warning_of_a_run_shorter_than_its_warmup_names_where_the_lr_peaks(
+    tmp_path, monkeypatch, capsys
+):
+    # a quick first run (3 steps) of the digits config, whose 3 warmup epochs are 9 steps, resumed for more epochs:
+    # the restored schedule warms up past its planned end, to step 9, and only then drops to its floor
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    assert _fit("--trainer.max_epochs", "4", "--trainer.log_every_n_steps", "1", "--ckpt_path", last) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "LR schedule" in line]
+    with open("runs/digits/version_1/metrics.csv") as f:  # the LR each resumed step trained with
+        lrs = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r["train/lr"]}
+    peak = max(lrs.values())
+    until = max(step for step, lr in lrs.items() if math.isclose(lr, peak, rel_tol=1e-6))
+    assert min(lrs) == 3 and max(lrs) == 11 and until < 11
+    assert all(lrs[step] < lrs[step + 1] for step in range(3, until - 1))  # still rising after the planned end
+    assert all(lrs[step] == min(lrs.values()) for step in range(until + 1, 12))  # then at the floor
+    assert len(warnings) == 1 and f"the LR warms up until step {until}, then drops to its floor" in warnings[0]
 
 
 def test_the_resumed_schedule_warning_counts_the_steps_done_at_the_old_epoch_size(tmp_path, monkeypatch, capsys):

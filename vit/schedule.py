@@ -71,11 +71,14 @@ def warn_resumed_schedule_misfits(trainer: L.Trainer) -> None:
     for config in trainer.lr_scheduler_configs:
         for schedule in getattr(config.scheduler, "lr_lambdas", []):
             if isinstance(schedule, WarmupCosine) and schedule.total != end:
-                after = (
-                    f"the LR stays at its floor after step {schedule.total:.0f}"
-                    if end > schedule.total
-                    else "it ends before the LR has come down"
-                )
+                if end <= schedule.total:
+                    after = "it ends before the LR has come down"
+                elif schedule.warmup >= end:  # planned for a run shorter than its warmup, as is this one
+                    after = f"the LR is still warming up when it ends (until step {schedule.warmup})"
+                elif schedule.warmup >= schedule.total:  # the warmup goes on past the planned end, then the floor
+                    after = f"the LR warms up until step {schedule.warmup}, then drops to its floor"
+                else:
+                    after = f"the LR stays at its floor after step {schedule.total:.0f}"
                 rank_zero_warn(
                     f"vit: the LR schedule resumed from {ckpt} was planned to end at step {schedule.total:.0f} and "
                     f"this run ends at step {end:.0f}: {after}; for a schedule of its own, start a new run from its "

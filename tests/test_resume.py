@@ -315,6 +315,28 @@ def test_last_ckpt_is_never_older_than_best_ckpt(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_last_ckpt_does_not_become_a_link_to_a_weights_only_best_ckpt(tmp_path, monkeypatch):
+    # --checkpoint.save_weights_only writes best.ckpt without the optimiser and loops; last.ckpt, what a killed run
+    # resumes from, must keep them at every epoch, not only after its own writes
+    import vit.resume
+
+    _last_checkpoint_waits(monkeypatch, max_share=1e-9, max_wait_s=1e9)  # its own writes: epoch 0 and the end only
+    linked, link = [], os.link
+
+    def recording_link(src, dst):
+        linked.append("optimizer_states" in torch.load(src, weights_only=True))
+        link(src, dst)
+
+    monkeypatch.setattr(vit.resume.os, "link", recording_link)
+    writes = _record_writes(monkeypatch)
+    best_every_epoch = ["--checkpoint.monitor", "epoch", "--checkpoint.mode", "max"]
+    _fit_in_process(tmp_path, *best_every_epoch, "--checkpoint.save_weights_only", "true", "--trainer.max_epochs", "3")
+    assert all(linked)  # a link only ever to a checkpoint that resumes
+    assert [epoch for name, epoch, _ in writes if name == "last.ckpt"] == [0, 1, 2]  # and never older than best
+    best = torch.load(tmp_path / "runs/digits/version_0/checkpoints/best.ckpt", weights_only=True)
+    assert "optimizer_states" not in best  # the option did apply to best.ckpt
+
+
 @pytest.mark.parametrize("classes", [("ant", "bee"), ("ant", "bee", "cat", "dog")], ids=["fewer", "more"])
 def test_resuming_on_data_of_another_class_count_names_both_class_lists(tmp_path, monkeypatch, capsys, classes):
     # the checkpoint's hyperparameters rebuild its own 3-class model, so `--model.num_classes` cannot be the way out

@@ -217,11 +217,15 @@ class LastCheckpoint(ModelCheckpoint):
         or Ctrl-C would otherwise send the user back past an epoch that is on disk). Only with `AtomicCheckpointIO`,
         which replaces files by renaming and so never writes into the shared inode; a file system without hard
         links gets a real write."""
-        fresher = [
-            cb._last_checkpoint_saved
+        saved = [
+            cb
             for cb in trainer.checkpoint_callbacks
             if cb is not self and cb._last_global_step_saved == trainer.global_step and cb._last_checkpoint_saved
         ]
+        # a weights-only best.ckpt (--checkpoint.save_weights_only) cannot be the last.ckpt a killed run resumes from
+        fresher = [cb._last_checkpoint_saved for cb in saved if self.save_weights_only or not cb.save_weights_only]
+        if saved and not fresher:
+            return self._write(trainer, monitor_candidates)
         if not fresher or not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             return  # last.ckpt waits for its next due write
         path = Path(self._get_metric_interpolated_filepath_name(monitor_candidates, trainer, self.best_model_path))

@@ -222,6 +222,17 @@ def test_the_resumed_schedule_warning_of_a_run_shorter_than_its_warmup_names_whe
     assert len(warnings) == 1 and f"the LR warms up until step {until}, then drops to its floor" in warnings[0]
 
 
+def test_a_resumed_run_does_not_warn_about_the_warmup_of_the_schedule_it_replaces(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _fit("--trainer.max_epochs", "1") == 0  # 3 steps of a 9-step warmup: warned about, rightly
+    assert "lasts the whole run" in capsys.readouterr().err
+    last = "runs/digits/version_0/checkpoints/last.ckpt"
+    assert _fit("--trainer.max_epochs", "2", "--ckpt_path", last) == 0  # a fresh 9-step warmup would outlast 6 steps
+    err = capsys.readouterr().err
+    assert "lasts the whole run" not in err  # the checkpoint's schedule trains, and the next warning describes it
+    assert sum("LR schedule resumed" in line for line in err.splitlines()) == 1
+
+
 def test_the_resumed_schedule_warning_counts_the_steps_done_at_the_old_epoch_size(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _fit("--trainer.max_epochs", "1") == 0  # 3 steps

@@ -363,7 +363,9 @@ class ViTClassifier(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         warmup = max(1, round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer)))
         schedule = WarmupCosine(warmup, float(total), self.hparams.min_lr_ratio)
-        if warmup >= total and not time_budgeted(self.trainer) and not self.trainer.fast_dev_run:
+        # a resumed run trains on the checkpoint's schedule, not this one (`warn_resumed_schedule_misfits` says so)
+        fresh = not (self.trainer.ckpt_path or self.trainer.fast_dev_run or time_budgeted(self.trainer))
+        if warmup >= total and fresh:
             warn_warmup_outlasts_the_run(self.hparams.warmup_epochs, warmup, total)
         return {
             "optimizer": optimizer,

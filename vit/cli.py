@@ -255,7 +255,8 @@ def _attention(args: argparse.Namespace) -> int:
     if args.discard_ratio is not None and not 0 <= args.discard_ratio < 1:
         raise ValueError(f"--discard-ratio {args.discard_ratio} is not in [0, 1)")
     chosen.update(fusion)
-    if args.target is not None and not METHODS[method][0]:  # no gradients: the same map for every class
+    class_specific = METHODS[method][0]  # the gradient methods; the others map every class alike
+    if args.target is not None and not class_specific:
         raise ValueError(
             f"--target {args.target}: {method} maps are the same for every class; --target chooses the class of a "
             "gradient method: --method grad_rollout or chefer"
@@ -279,7 +280,7 @@ def _attention(args: argparse.Namespace) -> int:
     index = predicted if args.target is None else args.target
     if not 0 <= index < model.num_classes:
         raise ValueError(f"--target {index} is not a class index of this model (0 to {model.num_classes - 1})")
-    heat = explain(model, x, method, target=index if METHODS[method][0] else None, **chosen)[0]
+    heat = explain(model, x, method, target=index if class_specific else None, **chosen)[0]
     shown = model_view(x[0], predictor.data_config)  # the crop the model saw, so the map lines up with it
     lines = [f"predicted: {predictor.label(predicted)} (class {predicted}, p={probs[predicted]:.3f})"]
     if args.target is not None:  # the prediction is still worth knowing when another class is explained

@@ -72,18 +72,15 @@ def shipped_configs(argv: list[str]) -> list[str]:
     argv = list(argv)
     for i, arg in enumerate(argv):
         option, equals, value = arg.partition("=")
-        if option not in ("-c", "--config"):
+        at = i if equals else i + 1  # where the value is: `--config=NAME`, or `--config NAME`
+        if option not in ("-c", "--config") or at == len(argv):
             continue
-        if not equals:
-            if i + 1 == len(argv):
-                break
-            i, value = i + 1, argv[i + 1]
-        path = Path(value)
+        path = Path(value if equals else argv[at])
         if path.exists() or len(path.parts) not in (1, 2) or path.parts[:-1] not in ((), ("configs",)):
             continue
         shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
         if shipped.is_file():
-            argv[i] = f"{option}={shipped}" if equals else str(shipped)
+            argv[at] = f"{option}={shipped}" if equals else str(shipped)
     return argv
 
 

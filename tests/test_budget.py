@@ -101,3 +101,50 @@ def test_a_budget_shorter_than_the_warmup_says_the_lr_never_decays(monkeypatch, 
 def test_a_budget_longer_than_the_warmup_says_nothing_of_it(monkeypatch, recwarn):
     fit_with_budget(monkeypatch, minutes=7.5 / 60, seconds_per_batch=1.5, warmup_epochs=1)  # 4 steps of 5
     assert not [w for w in recwarn if "warmup_epochs" in str(w.message)]
+
+
+class _JitteringClock(_Clock):
+    """Batches take `seconds` in even epochs and `seconds * (1 + jitter)` in odd ones; twice that from `slow_from`."""
+
+    def __init__(self, monkeypatch, seconds: float, jitter: float, slow_from: int | None = None):
+        super().__init__(monkeypatch, seconds)
+        self.base, self.jitter, self.slow_from = seconds, jitter, slow_from
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        epoch = trainer.current_epoch
+        self.seconds = self.base * (1 + self.jitter * (epoch % 2))
+        if self.slow_from is not None and epoch >= self.slow_from:
+            self.seconds *= 2
+
+
+def announced_plans(monkeypatch, clock: _Clock, minutes: float) -> list[str]:
+    said: list[str] = []
+    monkeypatch.setattr(vit.budget, "rank_zero_info", said.append)
+    budget = TimeBudget(minutes=minutes, reserve_s=0.0)
+    model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=1, min_lr_ratio=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1000,
+        limit_train_batches=BATCHES,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock, budget],
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    return [line for line in said if "training ends at step" in line]
+
+
+def test_the_plan_is_printed_once_when_epoch_times_only_jitter(monkeypatch):
+    # 40 epochs of 4-4.12 s in 160 s: each epoch's re-plan moves the end by a step or two, never by 5%
+    plans = announced_plans(monkeypatch, _JitteringClock(monkeypatch, 1.0, jitter=0.03), minutes=160 / 60)
+    assert len(plans) == 1
+
+
+def test_the_plan_is_printed_again_when_epochs_slow_down(monkeypatch):
+    clock = _JitteringClock(monkeypatch, 1.0, jitter=0.0, slow_from=10)  # 4 s epochs, then 8 s from the 11th
+    plans = announced_plans(monkeypatch, clock, minutes=160 / 60)
+    assert len(plans) == 2 and "in epoch 39" in plans[0] and "in epoch 24" in plans[1]

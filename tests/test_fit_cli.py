@@ -422,3 +422,28 @@ def test_a_warning_said_again_is_shown_once(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "worker processes" in line]
     assert len(warned) == 1 and warned[0].startswith("vit fit: warning: This DataLoader will create 2 worker")
+
+
+@pytest.mark.parametrize("asked", [[], ["--float32_matmul_precision", "highest"]])
+def test_on_a_gpu_float32_products_run_at_the_precision_asked_tf32_by_default(asked, monkeypatch):
+    # no GPU here: torch says there is one until the precision is set, then the fit runs on the CPU
+    set_to: list[str] = []
+    no_gpu = torch.cuda.is_available
+
+    def set_precision(precision: str) -> None:
+        set_to.append(precision)
+        monkeypatch.setattr(torch.cuda, "is_available", no_gpu)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_precision)
+    cpu = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *cpu, *asked]) == 0
+    assert set_to == [asked[1] if asked else "high"]
+
+
+def test_on_a_cpu_float32_products_keep_their_precision(monkeypatch):
+    set_to: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
+    assert set_to == []

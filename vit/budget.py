@@ -7,6 +7,8 @@ deadline plus as many steps of one more epoch as fit with its validation, and en
 epoch (the first one pays for compilation and warm-up); the last epoch stops at the planned step and is then
 validated as usual. When an epoch overruns the deadline anyway, it stops there. It needs an epoch or two to
 measure: when the first epoch already leaves no room, the run ends after it with the learning rate still high.
+It prints its plan after the first epoch, and again only when the planned last epoch moves by more than 5%: epoch
+times jitter, and a GPU run re-planned every few seconds said so 145 times.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class TimeBudget(Callback):
         self.epoch_first_step = 0
         self.most_epochs: int | None = None
         self.stop_at_step: int | None = None  # the planned end inside the last epoch
-        self.plan: tuple[int, int] | None = None  # (max_epochs, the schedule's last step)
+        self.announced_epochs: int | None = None  # the plan's epoch count, as last printed
         self.warned_warmup = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,11 +86,11 @@ class TimeBudget(Callback):
                 if isinstance(schedule, WarmupCosine):
                     schedule.total = float(total_steps)
                     warmup = schedule.warmup
-        if (epochs, total_steps) != self.plan:
-            self.plan = (epochs, total_steps)
-            if warmup >= total_steps and not self.warned_warmup:
-                self.warned_warmup = True
-                warn_warmup_outlasts_the_run(pl_module.hparams.get("warmup_epochs", 0), warmup, total_steps)
+        if warmup >= total_steps and not self.warned_warmup:
+            self.warned_warmup = True
+            warn_warmup_outlasts_the_run(pl_module.hparams.get("warmup_epochs", 0), warmup, total_steps)
+        if self.announced_epochs is None or abs(epochs - self.announced_epochs) > 0.05 * self.announced_epochs:
+            self.announced_epochs = epochs
             rank_zero_info(
                 f"vit: {epoch_s:.1f} s per epoch ({self.validation_s:.1f} s of it validation); training ends at step "
                 f"{total_steps}, in epoch {epochs - 1}, to fit the {self.minutes:g}-minute budget"

@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vit.cli import USER_ERRORS, _one_line_warning
 from vit.lightning_notes import silence_lightning_notes
@@ -182,6 +182,13 @@ def _lightning_cli_class() -> type:
                 help="CPU threads for torch (torch.set_num_threads); tiny models train fastest with 1, above all "
                 "on a busy machine. Default: torch's choice.",
             )
+            parser.add_argument(
+                "--float32_matmul_precision",
+                type=Literal["highest", "high", "medium"],
+                default="high",
+                help="float32 matrix products on a GPU (torch.set_float32_matmul_precision): 'high' runs them in "
+                "TF32, as timm's train.py does and Lightning advises; 'highest' keeps full float32. CPUs: float32.",
+            )
             parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
             parser.set_defaults(
                 {
@@ -306,6 +313,8 @@ def _lightning_cli_class() -> type:
             # makes torch.cuda.is_available(), which AdamW calls every step, load NVML anew each time (ms under load).
             if not torch.cuda.is_available():
                 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+            else:  # GPUs only: on a CPU, 'medium' has oneDNN multiply float32 matrices in bfloat16
+                torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
 
         def after_fit(self) -> None:
             self._report(fitted=True)

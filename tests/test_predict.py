@@ -287,6 +287,17 @@ def test_a_broken_symbolic_link_in_a_folder_is_reported_not_dropped(checkpoint, 
     )
 
 
+@pytest.mark.parametrize("good", [0, 2])
+def test_the_count_of_unreadable_inputs_reads_as_english(good, checkpoint, tmp_path, capsys):
+    for i in range(good):
+        Image.fromarray(smooth_rgb(40, 40)).save(tmp_path / f"good{i}.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    files = [str(p) for p in sorted(tmp_path.glob("*.jpg"))]
+    assert main(["predict", *files, "--checkpoint", str(checkpoint), "--format", "json"]) == 1
+    total = "1 input" if good == 0 else f"{good + 1} inputs"
+    assert capsys.readouterr().err.endswith(f"vit predict: 1 of {total} could not be classified\n")
+
+
 # ------------------------------------------------------------------------------------- the predictions
 def test_predictions_match_a_plain_loop_over_timm_transforms_and_the_model(checkpoint, tmp_path):
     paths = []

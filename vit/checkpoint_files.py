@@ -15,7 +15,7 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -36,7 +36,6 @@ class Checkpoint:
     model_config: dict[str, Any] | None = None
     class_names: list[str] | None = None
     data_config: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -118,6 +118,11 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_predict)
 
 
+def inputs(n: int) -> str:
+    """'1 input', '3 inputs': the count of images `vit predict` reports."""
+    return f"{n} input" if n == 1 else f"{n} inputs"
+
+
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -156,17 +161,17 @@ def _predict(args: argparse.Namespace) -> int:
             write_results(counted(results), args.format, output)  # JSON and CSV go out as they come
             output.flush()
     except OutputError as e:  # a full disk, a file-size limit: not a traceback, and not a failed input
-        print(f"vit predict: error: {e}; stopped after {done} inputs: the output is incomplete", file=sys.stderr)
+        print(f"vit predict: error: {e}; stopped after {inputs(done)}: the output is incomplete", file=sys.stderr)
         stdout_to_devnull()
         return 1
     except (KeyboardInterrupt, Terminated) as e:
         name, number = ("SIGTERM", signal.SIGTERM) if isinstance(e, Terminated) else ("Ctrl-C", signal.SIGINT)
         # a table goes out once every input is classified, and may be stopped while it does
         written = "the table is not written" if not output.written else "the output is incomplete"
-        print(f"vit predict: stopped by {name} after {done} inputs: {written}", file=sys.stderr)
+        print(f"vit predict: stopped by {name} after {inputs(done)}: {written}", file=sys.stderr)
         return 128 + number  # 130 or 143, what a shell reports for a command that the signal ended
     if failed:
-        print(f"vit predict: {failed} of {done} inputs could not be classified", file=sys.stderr)
+        print(f"vit predict: {failed} of {inputs(done)} could not be classified", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -122,7 +122,6 @@ def _read_torch(path: Path) -> Checkpoint:
         meta.get("model_config"),
         meta.get("class_names"),
         meta.get("data_config"),
-        extra={k: v for k, v in meta.items() if k not in ("model_config", "class_names", "data_config")},
     )
 
 

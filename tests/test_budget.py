@@ -39,8 +39,9 @@ def fit_with_budget(
     max_epochs: int = 50,
     validation_s: float = 0.0,
     warmup_epochs: float = 1,
+    clock: _Clock | None = None,
 ):
-    clock = _Clock(monkeypatch, seconds_per_batch, validation_s)  # before the budget, which reads the clock when made
+    clock = clock or _Clock(monkeypatch, seconds_per_batch, validation_s)  # made before the budget, which reads it
     budget = TimeBudget(minutes=minutes, reserve_s=0.0)
     model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=warmup_epochs, min_lr_ratio=0.0)
     trainer = L.Trainer(
@@ -120,21 +121,7 @@ class _JitteringClock(_Clock):
 def announced_plans(monkeypatch, clock: _Clock, minutes: float) -> list[str]:
     said: list[str] = []
     monkeypatch.setattr(vit.budget, "rank_zero_info", said.append)
-    budget = TimeBudget(minutes=minutes, reserve_s=0.0)
-    model = ViTClassifier(model_name=None, model_config=TINY, warmup_epochs=1, min_lr_ratio=0.0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1000,
-        limit_train_batches=BATCHES,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock, budget],
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    fit_with_budget(monkeypatch, minutes, clock.seconds, max_epochs=1000, clock=clock)
     return [line for line in said if "training ends at step" in line]
 
 

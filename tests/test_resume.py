@@ -156,6 +156,41 @@ def test_a_checkpoint_write_killed_halfway_leaves_the_previous_file_whole(tmp_pa
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
 
 
+def test_a_good_write_removes_only_the_temporaries_that_killed_writes_of_its_file_left(tmp_path):
+    from vit.checkpoint_files import atomic_write_beside
+    from vit.resume import AtomicCheckpointIO
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a writer still at work
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(ended.stdout)  # the id of a process that has ended, as a SIGKILLed writer's
+    try:
+        names = {
+            "stale": [f".last.ckpt.{gone}-0123abcd.tmp", f".epoch[1].ckpt.{gone}-89abcdef.tmp"],
+            "kept": [
+                f".last.ckpt.{running.pid}-0123abcd.tmp",  # the live write of another process
+                ".last.ckpt.backup.tmp",  # someone else's name, not atomic_write's pattern
+                f".best.ckpt.{gone}-0123abcd.tmp",  # a temporary of another file
+                f"last.ckpt.{gone}-0123abcd.tmp",
+            ],
+        }
+        for name in names["stale"] + names["kept"]:
+            (tmp_path / name).write_bytes(b"part")
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "last.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "epoch[1].ckpt")  # a glob's brackets
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names["kept"], "epoch[1].ckpt", "last.ckpt"])
+
+        # `vit export`'s ONNX writer works in a temporary folder: a killed one is removed by the next export
+        (tmp_path / f".model.onnx.{gone}-0123abcd.tmp").mkdir()
+        (tmp_path / f".model.onnx.{gone}-0123abcd.tmp" / "model.onnx").write_bytes(b"part")
+        with atomic_write_beside(tmp_path / "model.onnx") as temp:
+            temp.write_bytes(b"whole")
+        assert (tmp_path / "model.onnx").read_bytes() == b"whole"
+        assert not list(tmp_path.glob(".model.onnx.*"))
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_checkpoints_are_renamed_into_place_from_their_own_folder(tmp_path, monkeypatch):
     """A rename within one file system is atomic; Lightning's own IO moves a file from the system temp folder,
     which is a copy whenever that is another file system."""

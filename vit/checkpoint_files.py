@@ -138,8 +138,9 @@ def download(url: str) -> Path:
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to, renamed over `path` when the block ends without an error and
-    removed when it fails: readers see the old file or the new one, never a part of it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    removed when it fails: readers see the old file or the new one, never a part of it. A good write also removes
+    what killed writes of `path` left beside it (`remove_stale_temporaries`)."""
+    temp = _temporary_name(path)
     try:
         yield temp
         os.replace(temp, path)  # atomic on POSIX and Windows, within one file system
@@ -147,6 +148,7 @@ def atomic_write(path: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+    remove_stale_temporaries(path)
 
 
 @contextlib.contextmanager
@@ -154,7 +156,7 @@ def atomic_write_beside(path: Path) -> Iterator[Path]:
     """`atomic_write` for a writer that may put files of its own next to `path` (ONNX's external data,
     `<name>.data`): a temporary folder beside `path`, whose files are renamed into `path`'s folder when the block
     ends without an error, `path` itself last; the folder is removed either way."""
-    folder = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    folder = _temporary_name(path)
     folder.mkdir()
     try:
         yield folder / path.name
@@ -162,6 +164,55 @@ def atomic_write_beside(path: Path) -> Iterator[Path]:
             os.replace(written, path.parent / written.name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    remove_stale_temporaries(path)
+
+
+def _temporary_name(path: Path) -> Path:
+    # hidden, so that listings and `*.ckpt` patterns pass it by; the pid says whose it is, the hex keeps writers of
+    # one process apart. `_TEMPORARY` must match exactly this
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+_TEMPORARY = r"\.{name}\.(\d+)-[0-9a-f]{{8}}\.tmp"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries (files, or `atomic_write_beside`'s folders) that writes of `path` killed midway (SIGKILL,
+    a power cut) left beside it: only names of exactly `atomic_write`'s pattern, and only those whose process has
+    ended, so that a write still running in another process keeps its own. Returns what it removed."""
+    pattern = re.compile(_TEMPORARY.format(name=re.escape(path.name)))
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether another process with this id is running; this process's own temporaries are never in use once its
+    write has ended (and in a container, a restarted run often gets the id of the one that was killed)."""
+    if pid == os.getpid():
+        return False
+    if os.name != "posix":
+        return True  # Windows's os.kill(pid, 0) would send a Ctrl-C: keep what may be another writer's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): running
+        return True
+    return True
 
 
 def short_list(items: list[str], limit: int = 8) -> str:

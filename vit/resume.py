@@ -159,9 +159,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"({cause.strerror or cause}); training stopped, and {before}"
             ) from e
         _fsync_folder(path.parent)  # the rename itself survives a power cut
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-            with contextlib.suppress(OSError):
-                stale.unlink()
 
 
 def _fsync_folder(folder: Path) -> None:

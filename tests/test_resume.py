@@ -3,6 +3,7 @@ of the run that was never interrupted; and a checkpoint write that is killed lea
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -189,6 +190,63 @@ def test_a_good_write_removes_only_the_temporaries_that_killed_writes_of_its_fil
     finally:
         running.kill()
         running.wait()
+
+
+def _interrupted(argv: list[str]) -> int:
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C once it caught one
+    try:
+        return main(argv)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+
+
+def _ctrl_c_at(epoch: int, batch: int) -> str:
+    stop = {"class_path": "_faults.InterruptMidEpoch", "init_args": {"epoch": epoch, "batch": batch}}
+    return f"--trainer.callbacks+={json.dumps(stop)}"
+
+
+def test_ctrl_c_before_the_first_checkpoint_removes_the_run_folder_and_last_resumes_the_run_before(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1"]) == 0  # version_0: 4 steps, last.ckpt
+    capsys.readouterr()
+    # 2 steps trained, none logged (digits.yaml logs every 10th), no checkpoint: the folder holds its config alone
+    assert _interrupted(["fit", *TINY, "--trainer.max_epochs", "2", _ctrl_c_at(epoch=0, batch=2)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vit fit: stopped before the first epoch ended; there is no checkpoint to resume from; its run folder "
+        f"{Path('runs/digits/version_1')} held only its config and was removed"
+    )
+    assert [p.name for p in Path("runs/digits").iterdir()] == ["version_0"]
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", "last"]) == 0
+    resumed = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)  # the number is free
+    assert resumed["global_step"] == 8  # version_0's 4 steps, and 4 more
+
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_a_folder_that_holds_its_logs(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    from vit.module import ViTClassifier
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1"]) == 0
+    capsys.readouterr()
+    step = ViTClassifier.training_step
+
+    def logging_step(self, batch, batch_idx):  # rows logged straight to the logger wait in memory to be saved
+        self.logger.log_metrics({"custom/norm": 1.0}, step=self.global_step)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ViTClassifier, "training_step", logging_step)
+    assert _interrupted(["fit", *TINY, "--trainer.max_epochs", "2", _ctrl_c_at(epoch=0, batch=2)]) == 130
+    assert "was removed" not in capsys.readouterr().err
+    run = Path("runs/digits/version_1")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "hparams.yaml", "metrics.csv"]
+    with open(run / "metrics.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [0, 1]
+    caplog.clear()
+    assert main(["test", *TINY, "--ckpt_path", "best"]) == 0  # the latest run that has one
+    assert f"checkpoint path at {Path('runs/digits/version_0/checkpoints/best.ckpt')}" in caplog.text
 
 
 def test_checkpoints_are_renamed_into_place_from_their_own_folder(tmp_path, monkeypatch):

@@ -211,12 +211,13 @@ def _lightning_cli_class() -> type:
             # --trainer.enable_checkpointing false: no best.ckpt, no last.ckpt (Lightning refuses either otherwise)
             self.last_checkpoint = LastCheckpoint() if config.get("enable_checkpointing") is not False else None
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow(), CtrlCIsNeverLost()]
-            guards.append(DropTheRunFolderOfAFailedStart())
+            drop = DropTheRunFolderOfAFailedStart()
+            guards.append(drop)
             callbacks = [*callbacks, *guards, *([RNGStateCheckpoint()] if self.subcommand == "fit" else [])]
             if self.last_checkpoint is not None:
                 callbacks.append(self.last_checkpoint)
-                if self.subcommand == "fit":
-                    callbacks.append(SayHowToResume(self.last_checkpoint))
+                if self.subcommand == "fit":  # after `drop`: its on_exception has run when this one says what is left
+                    callbacks.append(SayHowToResume(self.last_checkpoint, drop))
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):  # a CheckpointIO of the user's wins

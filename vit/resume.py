@@ -269,24 +269,29 @@ def _last_epoch(trainer: L.Trainer) -> bool:
 
 class SayHowToResume(Callback):
     """When Ctrl-C or SIGTERM (`kill`, `docker stop`, a scheduler) stops `vit fit`, say which checkpoint to go on
-    from, and which epoch it holds."""
+    from, and which epoch it holds; and that the run folder is gone when `dropped` (a `DropTheRunFolderOfAFailedStart`
+    that comes before this callback) removed it."""
 
-    def __init__(self, last: LastCheckpoint):
-        self.last = last
+    def __init__(self, last: LastCheckpoint, dropped: Any = None):
+        self.last, self.dropped = last, dropped
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.is_global_zero:
             return
         path, epoch = self.last.best_model_path, self.last.written_epoch
         held = "the last epoch written" if epoch is None else f"epoch {epoch}"  # None: restored, not written here
+        removed = getattr(self.dropped, "removed", None)
+        # the folder's number is free again, and `--ckpt_path last` does not meet it
+        gone = f"; its run folder {removed} held only its config and was removed" if removed else ""
         if path:
             print(
-                f"vit fit: stopped; {path} holds {held}: add --ckpt_path {path} to resume",
+                f"vit fit: stopped; {path} holds {held}: add --ckpt_path {path} to resume{gone}",
                 file=sys.stderr,
             )
         else:
             print(
-                "vit fit: stopped before the first epoch ended; there is no checkpoint to resume from", file=sys.stderr
+                f"vit fit: stopped before the first epoch ended; there is no checkpoint to resume from{gone}",
+                file=sys.stderr,
             )
 
 

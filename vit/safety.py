@@ -1,8 +1,8 @@
 """Guards for long runs and untrusted files: checkpoints are checked with `torch.load(weights_only=True)`
 before Lightning opens them, a non-finite loss stops training before it reaches the weights, a process that
-fails in a multi-process run ends the others instead of leaving them waiting, a run that fails before its first
-step leaves no run folder behind, and a half precision that this CPU can only emulate is named before the run
-crawls."""
+fails in a multi-process run ends the others instead of leaving them waiting, a run that fails or is stopped
+before it writes a checkpoint or a log leaves no run folder behind, and a half precision that this CPU can only
+emulate is named before the run crawls."""
 
 from __future__ import annotations
 
@@ -61,25 +61,37 @@ class StopOnNonFiniteLoss(Callback):
 
 
 class DropTheRunFolderOfAFailedStart(Callback):
-    """A run that fails before its first step (a data folder with one class, a head that does not fit) would
-    leave runs/<name>/version_N/ holding only its config, and push the next run's number up by one: remove such
-    a folder, and only when it holds nothing but the files a start writes."""
+    """A run that fails or is stopped (Ctrl-C, SIGTERM) before it writes a checkpoint or a log (a data folder with
+    one class, a head that does not fit, Ctrl-C in the first epoch) would leave runs/<name>/version_N/ holding only
+    its config: that folder would push the next run's number up by one, and stand as the latest run, with nothing to
+    resume, when `--ckpt_path last` looks for one. Remove such a folder, and only when it holds nothing but the files
+    a start writes; `removed` is then its path. A folder with logs (metrics.csv) stays: they are the only record of
+    the steps that run trained."""
 
     START_FILES = frozenset({"config.yaml", "hparams.yaml"})
 
     def __init__(self) -> None:
-        self._first_step: int | None = None  # where training began: 0, or the step a resumed checkpoint holds
+        self.saved = False  # whether this run wrote (or began to write) a checkpoint, wherever its dirpath is
+        self.removed: str | None = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._first_step = trainer.global_step
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # before training began, any step is the checkpoint's (--ckpt_path restores it ahead of on_train_start)
-        first = trainer.global_step if self._first_step is None else self._first_step
-        if not trainer.is_global_zero or trainer.global_step != first or trainer.logger is None:
+        if not trainer.is_global_zero or self.saved or trainer.logger is None:
             return
         log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: a collective, here after a failure
-        drop_a_run_folder_that_only_started(log_dir)
+        if not log_dir or not Path(log_dir).is_dir():
+            return  # no folder yet: saving the logs now would make one
+        # Lightning saves what it logs at once, but rows logged through `logger.log_metrics` wait in memory (for
+        # CSVLogger's 100th step, or its save after this hook): save them first, so that their folder stays
+        try:
+            for logger in trainer.loggers:
+                logger.save()
+        except Exception:
+            return  # Lightning's own save, next, reports it; a folder whose logs are uncertain stays
+        if drop_a_run_folder_that_only_started(log_dir):
+            self.removed = log_dir
 
 
 def drop_a_run_folder_that_only_started(log_dir: str | None) -> bool:

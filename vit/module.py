@@ -1,5 +1,6 @@
-"""`ViTClassifier`: the training logic around a `VisionTransformer` (loss, Mixup/CutMix, AdamW with layer-wise
-LR decay, warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that `vit.weights` reads."""
+"""`ViTClassifier`: the training logic around a `VisionTransformer` (loss, Mixup/CutMix, timm's optimisers with
+layer-wise LR decay (`vit.optim`), warmup + cosine schedule, EMA, metrics) and the `.ckpt` contract that
+`vit.weights` reads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
@@ -26,6 +26,7 @@ from vit.factory import create_model
 from vit.flops import counting_cpu_attention
 from vit.lightning_notes import silence_lightning_notes  # called when vit.datamodule is imported, and at setup
 from vit.model import VisionTransformer, ViTConfig
+from vit.optim import DEFAULT_OPTIMIZER, build_optimizer, check_optimizer_settings
 from vit.schedule import (
     WarmupCosine,
     steps_per_epoch,
@@ -74,8 +75,12 @@ class ViTClassifier(L.LightningModule):
         img_size: input size (a pretrained model is resampled to it).
         num_classes: classes of the head; None: as many as the data has. A number that differs from the
             data's is an error.
-        lr: peak learning rate (AdamW), reached after `warmup_epochs`, then cosine decay to `lr * min_lr_ratio`.
-        weight_decay: AdamW weight decay; never applied to norms, biases, position embeddings and tokens.
+        optimizer: any of timm's optimisers (`timm.optim.list_optimizers()`, as timm's train.py `--opt`), e.g.
+            'adamw', 'sgd' (Nesterov), 'lamb', 'lion'; `lookahead_<name>` wraps one in Lookahead.
+        lr: peak learning rate, reached after `warmup_epochs`, then cosine decay to `lr * min_lr_ratio`.
+        weight_decay: never applied to norms, biases, position embeddings and tokens.
+        betas: for optimisers that take betas; None: the optimiser's own (AdamW's (0.9, 0.999), Lion's (0.9, 0.99)).
+        momentum: for optimisers that take momentum (SGD, LARS, RMSprop...).
         layer_decay: layer-wise LR decay for fine-tuning (e.g. 0.75): block i gets lr * decay^(depth - i).
         freeze_backbone: train only the head (and the final norm of 'avg' pooling).
         new_head: start a new head even where `pretrained`'s fits the data (as many classes, and names that match
@@ -95,9 +100,11 @@ class ViTClassifier(L.LightningModule):
         pretrained: bool | str | None = None,
         img_size: int | None = None,
         num_classes: int | None = None,
+        optimizer: str = DEFAULT_OPTIMIZER,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, ...] | None = None,
+        momentum: float = 0.9,
         warmup_epochs: float = 5.0,
         min_lr_ratio: float = 0.01,
         layer_decay: float | None = None,
@@ -111,6 +118,7 @@ class ViTClassifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer_settings(optimizer, betas)  # before building the model and reading the data
         self.model = self._build_model()
         self.class_names: list[str] | None = None
         self.data_config: dict[str, Any] | None = None
@@ -341,22 +349,9 @@ class ViTClassifier(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, batch_size=len(x))
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters: no decay on norms, biases, position embeddings and tokens
-        (timm reads `no_weight_decay()`), and per-block LR scales with `layer_decay` (from `group_matcher()`)."""
+        """`vit.optim.build_optimizer` with this module's settings: AdamW unless `optimizer` names another."""
         h = self.hparams
-        device = next(self.model.parameters()).device.type
-        optimizer = create_optimizer_v2(
-            self.model,
-            opt="adamw",
-            lr=h.lr,
-            weight_decay=h.weight_decay,
-            layer_decay=h.layer_decay,
-            betas=tuple(h.betas),
-            fused=device in ("cpu", "cuda") or None,  # one kernel for all parameters: several times faster
-        )
-        for group in optimizer.param_groups:  # timm's schedulers apply lr_scale; with LambdaLR we bake it in
-            group["lr"] = h.lr * group.get("lr_scale", 1.0)
-        return optimizer
+        return build_optimizer(self.model, h.optimizer, h.lr, h.weight_decay, h.layer_decay, h.betas, h.momentum)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()

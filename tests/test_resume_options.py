@@ -48,6 +48,36 @@ def test_resuming_with_the_runs_own_settings_says_nothing_of_them(finished_run, 
     assert not replaced(capsys.readouterr().err)
 
 
+def _as_written_before_the_optimizer_setting(path: str) -> None:
+    checkpoint = torch.load(path, weights_only=True)
+    saved = checkpoint["hyper_parameters"]
+    del saved["optimizer"], saved["momentum"]
+    saved["betas"] = (0.9, 0.999)  # the old default, saved with every checkpoint
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_resuming_with_another_optimizer_names_it_and_trains_on_with_the_checkpoints(finished_run, capsys, old):
+    if old:  # LightningCLI keeps the command's value of a setting the checkpoint lacks: SGD on AdamW's state
+        _as_written_before_the_optimizer_setting(finished_run)
+    assert (
+        main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run, "--model.optimizer", "sgd"]) == 0
+    )
+    lines = replaced(capsys.readouterr().err)
+    assert len(lines) == 1 and "optimizer sgd (the checkpoint's: adamw)" in lines[0] and "betas" not in lines[0]
+    resumed = torch.load("runs/digits/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["hyper_parameters"]["optimizer"] == "adamw" and resumed["global_step"] == 6
+    assert all("exp_avg" in state for state in resumed["optimizer_states"][0]["state"].values())
+
+
+def test_resuming_a_checkpoint_from_before_the_optimizer_setting_with_its_own_settings_says_nothing(
+    finished_run, capsys
+):
+    _as_written_before_the_optimizer_setting(finished_run)  # betas (0.9, 0.999): AdamW's own, as None asks
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", finished_run]) == 0
+    assert not replaced(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_evaluating_names_only_the_architecture_it_replaces(finished_run, capsys, command):
     assert main([command, *TINY, "--ckpt_path", finished_run, "--model.lr", "0.5"]) == 0

@@ -119,6 +119,7 @@ def _lightning_cli_class() -> type:
         not_resumable,
         nothing_left_to_train,
         replaced_model_settings,
+        settings_it_predates,
     )
     from vit.safety import (
         CtrlCIsNeverLost,
@@ -264,6 +265,8 @@ def _lightning_cli_class() -> type:
             if asked is None or self.config[subcommand]["model"] is model:
                 return  # no checkpoint, or one without hyperparameters
             restored = self.config[subcommand]["model"]
+            for key, default in settings_it_predates(checkpoint.get("hyper_parameters") or {}).items():
+                restored[key] = default
             restored["compile"] = asked["compile"]  # this machine's choice (a GPU run's checkpoint on a CPU)
             changes = replaced_model_settings(asked, restored.as_dict(), fitting=subcommand == "fit")
             if changes:

@@ -322,12 +322,33 @@ def replaced_model_settings(asked: dict[str, Any], restored: dict[str, Any], fit
         merged = ViTConfig.from_dict({**saved, **wanted}).to_dict()
         changes += [f"{k} {merged[k]} (the checkpoint's: {saved[k]})" for k in saved if merged[k] != saved[k]]
     if fitting:
+        if "optimizer" in restored:  # None asks for the optimiser's own betas: AdamW's are (0.9, 0.999)
+            from vit.optim import effective_betas
+
+            asked = {**asked, "betas": effective_betas(restored["optimizer"], asked.get("betas"))}
+            restored = {**restored, "betas": effective_betas(restored["optimizer"], restored.get("betas"))}
         for key, value in asked.items():
             if key in ARCHITECTURE or key in NOT_THE_CHECKPOINTS or key not in restored:
                 continue
             if _plain(value) != _plain(restored[key]):
                 changes.append(f"{key} {_plain(value)} (the checkpoint's: {_plain(restored[key])})")
     return changes
+
+
+def settings_it_predates(saved: dict[str, Any]) -> dict[str, Any]:
+    """The `ViTClassifier` arguments that a checkpoint's hyperparameters lack, at their defaults: it was written
+    before they existed, and trained as their defaults do (AdamW, before `optimizer`). LightningCLI would keep the
+    command's values for them, and resume, say, SGD from AdamW's state."""
+    import inspect
+
+    from vit.module import ViTClassifier
+
+    arguments = inspect.signature(ViTClassifier.__init__).parameters.values()
+    return {
+        a.name: a.default
+        for a in arguments
+        if a.default is not inspect.Parameter.empty and a.name not in saved and a.name not in NOT_THE_CHECKPOINTS
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -404,6 +404,7 @@ def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_ow
     [
         (["--data.batch_size", "ten"], "data.batch_size: Expected a <class 'int'>. Got value: ten"),
         (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or null, got 'x'"),
+        (["--model.betas", "abc"], "model.betas: expected list of float or null, got 'abc'"),
         (["--data.class_path", "vit.data.ImageFolderDataModule"], "--data.train_dir is required"),
     ],
 )

@@ -376,7 +376,9 @@ def _innermost_reason(message: str) -> str:
     if required:  # e.g. ImageFolderDataModule without train_dir
         names = ", ".join(f"--{keys[0][0]}.{name.strip()}" for name in required.group(1).split(","))
         return f"{names} {'is' if ',' not in names else 'are'} required"
-    types = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", message.split("Errors:")[0])
+    # classes ('float'), and 'tuple[float, ...]' (--model.betas) as a list, as YAML and the command line write it
+    pattern = r"<class '(?:[\w.]+\.)?(\w+)'>|(?:tuple|list)\[(\w+), \.\.\.\]"
+    types = [t or f"list of {item}" for t, item in re.findall(pattern, message.split("Errors:")[0])]
     given = re.search(r"Given value: (.*)", message)
     if not types or not given:
         return message

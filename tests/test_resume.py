@@ -316,6 +316,20 @@ def test_ctrl_c_or_sigterm_says_which_checkpoint_to_resume_from(tmp_path, sent, 
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
 
+def test_ctrl_c_names_the_last_ckpt_in_checkpoint_dirpath_and_last_resumes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mine = ["--checkpoint.dirpath", "mine", "--trainer.max_epochs", "2"]
+    assert _interrupted(["fit", *TINY, *mine, _ctrl_c_at(epoch=1, batch=1)]) == 130
+    last = tmp_path / "mine" / "last.ckpt"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vit fit: stopped; {last} holds epoch 0: add --ckpt_path {last} to resume"
+    )
+    assert main(["fit", *TINY, *mine, "--ckpt_path", "last"]) == 0
+    # the resumed run goes on writing the file it resumed from, as Lightning's own last.ckpt would
+    assert f"checkpoints: best {tmp_path / 'mine' / 'best.ckpt'}  last {last}" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+
+
 def test_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, capsys):
     # a loader iterator left before its end (limit_train_batches, the sanity check) shuts its workers down in
     # __del__: a Ctrl-C there was printed as 'Exception ignored' and training went on to its end, status 0

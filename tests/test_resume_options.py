@@ -121,6 +121,57 @@ def test_ckpt_path_last_without_a_run_is_one_line_naming_where_it_looked(finishe
     )
 
 
+def _report(out: str) -> tuple[Path, Path]:
+    """best.ckpt's and last.ckpt's paths in `vit fit`'s 'checkpoints: best ...  last ...' line (relative to the
+    working folder as Lightning gives them with a relative --trainer.default_root_dir)."""
+    line = next(line for line in out.splitlines() if line.startswith("checkpoints: "))
+    best, last = line.removeprefix("checkpoints: best ").split("  last ")
+    return Path(best).resolve(), Path(last).resolve()
+
+
+@pytest.mark.parametrize(
+    "where,folder",
+    [(["--trainer.logger", "false", "--trainer.default_root_dir", "root"], "root/checkpoints"),
+     (["--checkpoint.dirpath", "mine"], "mine")],
+)  # fmt: skip
+def test_a_second_run_into_a_shared_checkpoint_folder_keeps_the_first_and_last_or_best_finds_the_newest(
+    tmp_path, monkeypatch, capsys, caplog, where, folder
+):
+    monkeypatch.chdir(tmp_path)
+    shared = (tmp_path / folder).resolve()
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1", *where]) == 0
+    # last.ckpt beside best.ckpt, as Lightning's own save_last writes it; not in a run folder
+    assert _report(capsys.readouterr().out) == (shared / "best.ckpt", shared / "last.ckpt")
+    assert not list(tmp_path.glob("runs/digits/version_0/checkpoints/*"))
+    first = torch.load(shared / "last.ckpt", weights_only=True)["global_step"]
+    assert main(["fit", *TINY, "--trainer.max_epochs", "2", *where]) == 0
+    # Lightning's version counter names the second run's files: the first run's stay as they were
+    assert _report(capsys.readouterr().out) == (shared / "best-v1.ckpt", shared / "last-v1.ckpt")
+    assert torch.load(shared / "last.ckpt", weights_only=True)["global_step"] == first
+    assert torch.load(shared / "last-v1.ckpt", weights_only=True)["global_step"] == 2 * first
+    for which in ("last", "best"):
+        caplog.clear()
+        assert main(["validate", *TINY, *where, "--ckpt_path", which]) == 0
+        assert f"checkpoint path at {Path(folder) / which}-v1.ckpt" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "where,looked",
+    [(["--trainer.logger", "false"], "checkpoints/last.ckpt or last-v*.ckpt (where checkpoints go with "
+      "--trainer.logger false)"),
+     (["--checkpoint.dirpath", "mine"], "mine/last.ckpt or last-v*.ckpt (where checkpoints go with "
+      "--checkpoint.dirpath)")],
+)  # fmt: skip
+def test_ckpt_path_last_without_a_checkpoint_in_the_folder_this_config_writes_to_names_it(
+    finished_run, capsys, where, looked
+):
+    # finished_run's last.ckpt is in runs/digits/version_0/: not where this command's checkpoints go
+    assert main(["validate", *TINY, *where, "--ckpt_path", "last"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vit validate: error: --ckpt_path last: no {looked}; give the checkpoint's path"
+    )
+
+
 def test_resuming_a_run_that_already_reached_max_epochs_says_so_and_leaves_no_empty_folder(finished_run, capsys):
     assert main(["fit", *TINY, "--trainer.max_epochs", "1", "--ckpt_path", finished_run]) == 0  # as Lightning: 0
     out, err = capsys.readouterr()

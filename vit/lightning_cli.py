@@ -210,7 +210,12 @@ def _lightning_cli_class() -> type:
             callbacks = config.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             # --trainer.enable_checkpointing false: no best.ckpt, no last.ckpt (Lightning refuses either otherwise)
-            self.last_checkpoint = LastCheckpoint() if config.get("enable_checkpointing") is not False else None
+            best = self._get(self.config_init, "checkpoint")
+            self.last_checkpoint = (
+                LastCheckpoint(dirpath=best.dirpath, enable_version_counter=best._enable_version_counter)
+                if config.get("enable_checkpointing") is not False
+                else None
+            )
             guards = [StopOnNonFiniteLoss(), EndAllRanksOnError(), WarnIfHalfPrecisionIsSlow(), CtrlCIsNeverLost()]
             drop = DropTheRunFolderOfAFailedStart()
             guards.append(drop)
@@ -248,7 +253,9 @@ def _lightning_cli_class() -> type:
             subcommand = self.config.get("subcommand")
             which = self.config[subcommand].get("ckpt_path") if subcommand else None
             if which in ("last", "best"):  # Lightning's shortcuts, which find nothing in a new process's run folder
-                found = latest_run_checkpoint(self.config[subcommand]["trainer"].get("logger"), which)
+                trainer = self.config[subcommand]["trainer"]
+                dirpath = self.config[subcommand]["checkpoint"].get("dirpath")
+                found = latest_run_checkpoint(trainer.get("logger"), which, dirpath, trainer.get("default_root_dir"))
                 self.config[subcommand]["ckpt_path"] = str(found)
             path = self.config[subcommand].get("ckpt_path") if subcommand else None
             checkpoint = check_checkpoint(path)

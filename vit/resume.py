@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,10 +194,20 @@ class LastCheckpoint(ModelCheckpoint):
     `max_wait_s`). Only epochs shorter than that are skipped, e.g. the digits set's half-second epochs, whose 16-ms
     writes would cost 3% of the run; a crash then loses at most `t / max_share` seconds of work (3 s for digits).
     The run's last epoch, any stop, and the end of training are always written.
+
+    `dirpath` and `enable_version_counter` follow best.ckpt's callback (`--checkpoint.*`), as Lightning's own
+    `save_last` does: last.ckpt lands beside best.ckpt, and a second run into a folder that already holds one writes
+    last-v1.ckpt rather than replacing the first run's (a resumed run goes on writing the file it resumed from).
     """
 
-    def __init__(self, max_share: float = 0.005, max_wait_s: float = 600.0):
-        super().__init__(filename="last", monitor=None, enable_version_counter=False)
+    def __init__(
+        self,
+        max_share: float = 0.005,
+        max_wait_s: float = 600.0,
+        dirpath: str | None = None,
+        enable_version_counter: bool = False,
+    ):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, enable_version_counter=enable_version_counter)
         self.max_share, self.max_wait_s = max_share, max_wait_s
         self._write_s: float | None = None  # how long the latest write took
         self._written_at = 0.0
@@ -356,12 +367,26 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def latest_run_checkpoint(logger: Any, which: str) -> Path:
-    """`--ckpt_path last|best` from a new process: `<save_dir>/<name>/version_N/checkpoints/<which>.ckpt` of the
-    highest N that has one, in the folders of the config's logger (a `{class_path, init_args}` mapping).
+def latest_run_checkpoint(logger: Any, which: str, dirpath: str | None = None, root_dir: str | None = None) -> Path:
+    """`--ckpt_path last|best` from a new process: where this config writes `<which>.ckpt`. With a logger (a
+    `{class_path, init_args}` mapping, or True for Lightning's default one under `root_dir`), the file in
+    `<save_dir>/<name>/version_N/checkpoints/` of the highest N that has one; with `dirpath` (--checkpoint.dirpath),
+    or no logger (`<root_dir>/checkpoints/`, Lightning's folder then), the newest `<which>.ckpt` or
+    `<which>-vK.ckpt` there (Lightning's names for the runs that shared the folder).
     Lightning looks only in this run's own, new folder, and then trains or evaluates an untrained model."""
+    if dirpath is not None or not logger:
+        folder = Path(dirpath).expanduser() if dirpath is not None else Path(root_dir or ".") / "checkpoints"
+        found = [p for p in folder.glob(f"{which}*.ckpt") if re.fullmatch(rf"{re.escape(which)}(-v\d+)?\.ckpt", p.name)]
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime_ns, _version(p)))
+        why = "--checkpoint.dirpath" if dirpath is not None else "--trainer.logger false"
+        raise FileNotFoundError(
+            f"--ckpt_path {which}: no {folder}/{which}.ckpt or {which}-v*.ckpt (where checkpoints go with {why}); "
+            f"give the checkpoint's path"
+        )
     init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
-    root = Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs")
+    save_dir = init.get("save_dir") or (root_dir if logger is True else None) or "."
+    root = Path(save_dir) / str(init.get("name") or "lightning_logs")
     runs = [(int(n), p) for p in root.glob("version_*") if (n := p.name.removeprefix("version_")).isdigit()]
     for _, run in sorted(runs, reverse=True):
         if (path := run / "checkpoints" / f"{which}.ckpt").is_file():
@@ -370,6 +395,12 @@ def latest_run_checkpoint(logger: Any, which: str) -> Path:
         f"--ckpt_path {which}: no {root}/version_*/checkpoints/{which}.ckpt (the runs of this config's logger); "
         f"give the checkpoint's path"
     )
+
+
+def _version(path: Path) -> int:
+    """K of Lightning's `name-vK.ckpt`; 0 for `name.ckpt`."""
+    _, _, k = path.stem.rpartition("-v")
+    return int(k) if k.isdigit() else 0
 
 
 def not_resumable(path: str, checkpoint: Any, fitting: bool) -> str | None:

@@ -4,6 +4,7 @@ checkpoint's hyperparameters, so each one it drops is named; compiling follows t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import _cli
@@ -181,6 +182,17 @@ def test_resuming_a_run_that_already_reached_max_epochs_says_so_and_leaves_no_em
     assert not Path("runs/digits/version_1").exists()  # only its config.yaml and hparams.yaml: removed
     assert "run folder:" not in out and "final metrics" not in out  # no empty report
     assert f"last {finished_run}" in out  # the checkpoints it holds are still the run's own
+
+
+def test_with_the_logger_off_nothing_left_to_train_never_removes_the_working_folder(finished_run, tmp_path, capsys):
+    # with no logger, the "run folder" is the working folder, which then holds only the config this run wrote
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)  # the fixture's monkeypatch.chdir restores the folder afterwards
+    resume = ["--trainer.logger", "false", "--ckpt_path", str(tmp_path / finished_run)]
+    assert main(["fit", *TINY, "--trainer.max_epochs", "1", *resume]) == 0
+    assert "nothing was trained" in capsys.readouterr().err
+    assert elsewhere.is_dir() and (elsewhere / "config.yaml").is_file()
 
 
 def test_a_resumed_run_that_fails_before_its_first_new_step_leaves_no_run_folder(finished_run, monkeypatch, capsys):

@@ -212,7 +212,9 @@ def _lightning_cli_class() -> type:
             # --trainer.enable_checkpointing false: no best.ckpt, no last.ckpt (Lightning refuses either otherwise)
             best = self._get(self.config_init, "checkpoint")
             self.last_checkpoint = (
-                LastCheckpoint(dirpath=best.dirpath, enable_version_counter=best._enable_version_counter)
+                LastCheckpoint(
+                    dirpath=best.dirpath, enable_version_counter=getattr(best, "_enable_version_counter", True)
+                )
                 if config.get("enable_checkpointing") is not False
                 else None
             )
@@ -345,7 +347,8 @@ def _lightning_cli_class() -> type:
             if fitted and self.resumed_step is not None and trainer.global_step == self.resumed_step:
                 # Lightning only logs that the loop is done: say why, and how to go on, and leave no empty folder
                 rank_zero_warn(nothing_left_to_train(self.config["fit"]["ckpt_path"], trainer))
-                if drop_a_run_folder_that_only_started(run_folder):
+                # a logger's version folder only: with the logger off, log_dir is the working (or root) folder
+                if trainer.logger is not None and drop_a_run_folder_that_only_started(run_folder):
                     run_folder = None
             if run_folder:
                 print(f"run folder: {run_folder}")

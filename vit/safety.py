@@ -97,8 +97,8 @@ class DropTheRunFolderOfAFailedStart(Callback):
 def drop_a_run_folder_that_only_started(log_dir: str | None) -> bool:
     """Remove a run folder that holds only the files a start writes (config.yaml, hparams.yaml); whether it did."""
     folder = Path(log_dir) if log_dir else None
-    if folder is None or not folder.is_dir():
-        return False
+    if folder is None or not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
+        return False  # never the folder the command runs in, whatever a logger or callback takes for its run folder
     names = {f.name for f in folder.iterdir()}
     if not names <= DropTheRunFolderOfAFailedStart.START_FILES:
         return False

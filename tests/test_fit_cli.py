@@ -448,3 +448,18 @@ def test_on_a_cpu_float32_products_keep_their_precision(monkeypatch):
     monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK]) == 0
     assert set_to == []
+
+
+def test_with_the_logger_off_the_run_config_never_replaces_the_config_file_read(capsys):
+    # no logger: the run folder is the working folder, which holds the user's own config.yaml (with their notes)
+    own = (CONFIGS / "digits.yaml").read_text() + "# my notes\n"
+    Path("config.yaml").write_text(own)
+    no_logger = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    for _ in range(2):
+        assert main(["fit", "--config", "config.yaml", *TINY_DIGITS, *QUICK, *no_logger]) == 0
+    assert Path("config.yaml").read_text() == own
+    for saved in ("config-v1.yaml", "config-v2.yaml"):  # each run's resolved config, in a file of its own
+        assert "model_overrides" in Path(saved).read_text()
+    assert sorted(p.name for p in Path("checkpoints").iterdir()) == [
+        "best-v1.ckpt", "best.ckpt", "last-v1.ckpt", "last.ckpt"
+    ]  # fmt: skip

@@ -101,7 +101,7 @@ LIGHTNING_HINTS = {
 def _lightning_cli_class() -> type:
     """`ViTLightningCLI`, defined on first use so that the light subcommands do not import Lightning (seconds)."""
     from lightning.pytorch.callbacks import ProgressBar
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities import rank_zero_warn
@@ -130,6 +130,22 @@ def _lightning_cli_class() -> type:
         check_checkpoint,
         drop_a_run_folder_that_only_started,
     )
+
+    class SaveRunConfig(SaveConfigCallback):
+        """LightningCLI's config.yaml in the run folder, or config-vK.yaml (the next free K, as Lightning names a
+        second best-v1.ckpt) where that folder already holds one: with the logger off the run folder is the
+        working (or root) folder, where config.yaml may be the user's own file, the `--config` being read."""
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            log_dir = trainer.log_dir  # every rank: a broadcast
+            if not self.already_saved and log_dir and trainer.is_global_zero:
+                stem, suffix = os.path.splitext(self.config_filename)
+                name, k = self.config_filename, 0
+                while os.path.exists(os.path.join(log_dir, name)):
+                    k += 1
+                    name = f"{stem}-v{k}{suffix}"
+                self.config_filename = name
+            super().setup(trainer, pl_module, stage)
 
     class BriefErrorsParser(LightningArgumentParser):
         """LightningCLI's parser, whose errors show one usage line rather than all 80-odd options, and a value of
@@ -169,7 +185,8 @@ def _lightning_cli_class() -> type:
                         "init_args": {"save_dir": "runs", "name": "vit"},
                     }
                 },
-                save_config_kwargs={"overwrite": True},
+                save_config_callback=SaveRunConfig,
+                save_config_kwargs={"overwrite": True},  # SaveRunConfig writes a new file: DDP ranks need not check
                 parser_class=BriefErrorsParser,
                 parser_kwargs={"prog": "vit"},  # not `cli.py` under `python -m vit.cli`
                 args=args,

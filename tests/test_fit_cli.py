@@ -463,3 +463,15 @@ def test_with_the_logger_off_the_run_config_never_replaces_the_config_file_read(
     assert sorted(p.name for p in Path("checkpoints").iterdir()) == [
         "best-v1.ckpt", "best.ckpt", "last-v1.ckpt", "last.ckpt"
     ]  # fmt: skip
+
+
+def test_a_run_bounded_by_max_steps_alone_warms_up_over_epochs_and_decays_to_its_last_step():
+    # --trainer.max_epochs -1: Lightning's step estimate is max_steps without loading the data, whose epoch length
+    # the warmup (in epochs) still needs; the run crashed in configure_optimizers (OverflowError) before the fix
+    steps = ["--trainer.max_epochs", "-1", "--trainer.max_steps", "6", "--trainer.limit_train_batches", "4"]
+    every = ["--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--model.warmup_epochs", "1"]
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *steps, *every]) == 0
+    last = torch.load("runs/digits/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    schedule = last["lr_schedulers"][0]["lr_lambdas"][0]
+    assert (schedule["warmup"], schedule["total"]) == (4, 6.0)  # one 4-batch epoch of warmup, then down to step 6

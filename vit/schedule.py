@@ -32,6 +32,8 @@ class WarmupCosine:
 
 def steps_per_epoch(trainer: L.Trainer) -> int:
     """Optimiser steps (and so schedule steps) in one training epoch."""
+    if trainer.train_dataloader is None:  # `estimated_stepping_batches` loads it only when max_epochs bounds the
+        trainer.fit_loop.setup_data()  # run: with --trainer.max_epochs -1 it is max_steps, the loader not yet read
     return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
 
 

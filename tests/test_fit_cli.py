@@ -475,3 +475,19 @@ def test_a_run_bounded_by_max_steps_alone_warms_up_over_epochs_and_decays_to_its
     assert last["global_step"] == 6
     schedule = last["lr_schedulers"][0]["lr_lambdas"][0]
     assert (schedule["warmup"], schedule["total"]) == (4, 6.0)  # one 4-batch epoch of warmup, then down to step 6
+
+
+@pytest.mark.parametrize(
+    "options, line",
+    [
+        (
+            ["--trainer.limit_val_batches", "0"],  # no validation: val/acc, best.ckpt's metric, is never logged
+            "checkpoints: best none (val/acc was never logged)  last runs/digits/version_0/checkpoints/last.ckpt",
+        ),
+        (["--trainer.fast_dev_run", "true"], "checkpoints: none (--trainer.fast_dev_run writes none)"),
+    ],
+)
+def test_the_final_report_says_which_checkpoint_was_not_written_rather_than_print_a_blank_path(options, line, capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *options]) == 0
+    report = [text for text in capsys.readouterr().out.splitlines() if text.startswith("checkpoints:")]
+    assert report == [line]

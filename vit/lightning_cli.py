@@ -374,7 +374,11 @@ def _lightning_cli_class() -> type:
                     print("checkpoints: none (--trainer.enable_checkpointing false)")
                 else:
                     best, last = trainer.checkpoint_callback.best_model_path, self.last_checkpoint.best_model_path
-                    print(f"checkpoints: best {best}  last {last}")
+                    if trainer.fast_dev_run:  # Lightning writes no checkpoint then: no blank paths
+                        print("checkpoints: none (--trainer.fast_dev_run writes none)")
+                    else:  # no best.ckpt when its metric was never logged (--trainer.limit_val_batches 0)
+                        best = best or f"none ({trainer.checkpoint_callback.monitor} was never logged)"
+                        print(f"checkpoints: best {best}  last {last or 'none'}")
                 metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items())}
                 if metrics:
                     print("final metrics: " + "  ".join(f"{k} {_format_metric(v)}" for k, v in metrics.items()))

@@ -184,6 +184,19 @@ def test_resuming_a_run_that_already_reached_max_epochs_says_so_and_leaves_no_em
     assert f"last {finished_run}" in out  # the checkpoints it holds are still the run's own
 
 
+def test_resuming_a_run_that_used_up_max_time_names_max_time_not_the_schedules_floor(finished_run, capsys):
+    # Lightning's Timer goes on from the training time a checkpoint holds: as if the first run had trained 100 s
+    checkpoint = torch.load(finished_run, weights_only=True)
+    checkpoint["callbacks"]["Timer"] = {"time_elapsed": {"train": 100.0, "sanity_check": 0.0, "validate": 1.0}}
+    torch.save(checkpoint, finished_run)
+    time_bound = ["--trainer.max_epochs", "5", "--trainer.max_time", "00:00:00:30"]
+    assert main(["fit", *TINY, *time_bound, "--ckpt_path", finished_run]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "nothing was trained" in line]
+    assert len(notes) == 1
+    assert "reached --trainer.max_time (30 s of training, counting the runs it resumes) (1 epoch, 3 steps)" in notes[0]
+    assert "floor" not in notes[0]  # a schedule planned for 5 epochs and cut off after 1 is not at its floor
+
+
 def test_with_the_logger_off_nothing_left_to_train_never_removes_the_working_folder(finished_run, tmp_path, capsys):
     # with no logger, the "run folder" is the working folder, which then holds only the config this run wrote
     elsewhere = tmp_path / "elsewhere"

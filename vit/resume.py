@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -427,11 +427,18 @@ def nothing_left_to_train(ckpt: str, trainer: L.Trainer) -> str:
         limit = f"--trainer.max_epochs {trainer.max_epochs}"
     elif 0 <= trainer.max_steps <= trainer.global_step:
         limit = f"--trainer.max_steps {trainer.max_steps}"
+    elif (timer := next((c for c in trainer.callbacks if isinstance(c, Timer)), None)) and timer.time_remaining() <= 0:
+        # Lightning's Timer goes on from the training time the checkpoint holds: the same max_time stops at once
+        limit = f"--trainer.max_time ({timer._duration:g} s of training, counting the runs it resumes)"
     else:
         limit = "the end of this run"
-    epochs = f"{trainer.current_epoch} epoch{'s' * (trainer.current_epoch != 1)}"
+    # current_epoch is still 0 when max_time stops the start, before Lightning counts the restored epoch done
+    done = max(trainer.current_epoch, trainer.fit_loop.epoch_progress.current.processed)
+    epochs = f"{done} epoch{'s' * (done != 1)}"
+    # max_time stops a schedule planned for max_epochs wherever it is, not at its floor
+    floor = "" if limit.startswith("--trainer.max_time") else " (the restored LR schedule stays at its floor)"
     return (
         f"vit: {ckpt} has already reached {limit} ({epochs}, {trainer.global_step} steps): "
-        f"nothing was trained; to train longer, raise it (the restored LR schedule stays at its floor) or start a "
+        f"nothing was trained; to train longer, raise it{floor} or start a "
         f"new run from its weights (--model.pretrained {ckpt})"
     )

@@ -491,3 +491,16 @@ def test_the_final_report_says_which_checkpoint_was_not_written_rather_than_prin
     assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *options]) == 0
     report = [text for text in capsys.readouterr().out.splitlines() if text.startswith("checkpoints:")]
     assert report == [line]
+
+
+@pytest.mark.parametrize(
+    "budget", [[], ["--trainer.callbacks+=vit.budget.TimeBudget", "--trainer.callbacks.minutes", "60"]]
+)
+def test_max_time_is_said_to_cut_the_lr_schedule_short_and_time_budget_is_not(budget, capsys):
+    hour = ["--trainer.max_time", "00:01:00:00"]  # never reached here: the warning comes at the start
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), *TINY_DIGITS, *QUICK, *hour, *budget]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "max_time stops training" in line]
+    assert len(said) == (0 if budget else 1)
+    if said:
+        assert said[0].startswith("vit fit: warning: --trainer.max_time stops training wherever the LR")
+        assert "--trainer.callbacks+=vit.budget.TimeBudget" in said[0]

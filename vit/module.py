@@ -31,6 +31,7 @@ from vit.schedule import (
     WarmupCosine,
     steps_per_epoch,
     time_budgeted,
+    warn_max_time_cuts_the_schedule,
     warn_resumed_schedule_misfits,
     warn_warmup_outlasts_the_run,
 )
@@ -362,6 +363,8 @@ class ViTClassifier(L.LightningModule):
         fresh = not (self.trainer.ckpt_path or self.trainer.fast_dev_run or time_budgeted(self.trainer))
         if warmup >= total and fresh:
             warn_warmup_outlasts_the_run(self.hparams.warmup_epochs, warmup, total)
+        if fresh:
+            warn_max_time_cuts_the_schedule(self.trainer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},

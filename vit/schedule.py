@@ -1,6 +1,6 @@
 """The learning-rate schedule of `vit fit`: linear warmup, then cosine decay (`WarmupCosine`, a LambdaLR multiplier
-stepped once per optimiser step), and the two warnings about a schedule that does not fit its run: a warmup as
-long as the run, and a resumed schedule planned for another length."""
+stepped once per optimiser step), and the warnings about a schedule that does not fit its run: a warmup as long as
+the run, a resumed schedule planned for another length, and a `max_time` that cuts the schedule short."""
 
 from __future__ import annotations
 
@@ -86,6 +86,20 @@ def warn_resumed_schedule_misfits(trainer: L.Trainer) -> None:
                     f"this run ends at step {end:.0f}: {after}; for a schedule of its own, start a new run from its "
                     f"weights (--model.pretrained {ckpt})"
                 )
+
+
+def warn_max_time_cuts_the_schedule(trainer: L.Trainer) -> None:
+    """`--trainer.max_time` (Lightning's `Timer`) stops training wherever the schedule is, planned as it is for the
+    epochs or steps: the weights at the deadline may never have seen the LR come down. `TimeBudget` is the way to
+    fit the schedule into the time; say so, since the run itself ends without a word of it."""
+    from lightning.pytorch.callbacks import Timer
+
+    if any(isinstance(c, Timer) for c in trainer.callbacks) and not time_budgeted(trainer):
+        rank_zero_warn(
+            "vit: --trainer.max_time stops training wherever the LR schedule is (it is planned for the epochs or "
+            "steps, not the time), so the LR may never come down; to fit the schedule into the time, use "
+            "--trainer.callbacks+=vit.budget.TimeBudget --trainer.callbacks.minutes N instead"
+        )
 
 
 def time_budgeted(trainer: L.Trainer) -> bool:

@@ -406,6 +406,12 @@ def test_a_checkpoint_that_does_not_fit_the_named_variant_says_it_carries_its_ow
         (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or null, got 'x'"),
         (["--model.betas", "abc"], "model.betas: expected list of float or null, got 'abc'"),
         (["--data.class_path", "vit.data.ImageFolderDataModule"], "--data.train_dir is required"),
+        # digits are augmented a batch at a time, without RandAugment: not jsonargparse's NestedArg(...) dump
+        (
+            ["--data.auto_augment", "randx"],
+            "--data.auto_augment: DigitsDataModule has no such option (it takes batch_size, num_workers, "
+            "val_fraction, split_seed, preprocessing, re_prob, hflip, scale, degrees)",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_type_is_its_key_and_reason_not_jsonargparses_union_dump(option, reason, capsys):

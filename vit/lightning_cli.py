@@ -5,6 +5,8 @@ or a traceback. `vit.cli` hands these subcommands over; importing Lightning take
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import os
 import re
 import sys
@@ -399,6 +401,11 @@ def _innermost_reason(message: str) -> str:
     keys = re.findall(r'Parser key "([^"]+)":\s*\n\s*(.+)', message)
     if "Does not validate against any of the Union subtypes" not in message or not keys:
         return message
+    refused = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message)
+    if refused:  # e.g. --data.auto_augment for DigitsDataModule, which augments whole batches, not images
+        path, option = refused.groups()
+        taken = ", ".join(_init_options(path))
+        return f"--{keys[0][0]}.{option}: {path.rsplit('.', 1)[-1]} has no such option (it takes {taken})"
     if len(keys) > 1:  # a class's own argument: the class's parser said what is wrong
         return f"{keys[0][0]}.{keys[1][0]}: {keys[1][1].strip()}"
     required = re.search(
@@ -415,3 +422,17 @@ def _innermost_reason(message: str) -> str:
         return message
     types = ["null" if t == "NoneType" else t for t in types]  # as a YAML file or the command line spells it
     return f"{keys[0][0]}: expected {' or '.join(types)}, got {given.group(1).strip()!r}"
+
+
+def _init_options(class_path: str) -> list[str]:
+    """The keyword arguments of `class_path`'s constructor, with those a `**kwargs` passes on to its bases."""
+    module, name = class_path.rsplit(".", 1)
+    options: list[str] = []
+    for cls in importlib.import_module(module).__dict__[name].__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        options += [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(options))

@@ -291,6 +291,17 @@ def test_a_missing_train_dir_is_one_line_naming_it_not_jsonargparses_wrapper(tmp
     assert capsys.readouterr().err == f"vit fit: error: {missing}: no such folder\n"
 
 
+@pytest.mark.parametrize("policy", ["randx", "rand-zz9", "augmixx", "nonsense"])
+def test_an_augmentation_policy_timm_cannot_parse_is_one_line_before_any_training(policy, tmp_path, capsys):
+    # timm's parser asserts (a bare AssertionError, a traceback) only when setup builds the training transform
+    write_image_folder(tmp_path / "photos", ("cat", "dog"), per_class=4, size=16)
+    argv = ["--data.train_dir", str(tmp_path / "photos"), "--data.auto_augment", policy]
+    assert main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"vit fit: error: auto_augment={policy!r}: not a timm augmentation")
+    assert not Path("runs").exists()
+
+
 def test_cifar_download_that_fails_offline_is_one_line_naming_the_folder_and_the_fix(tmp_path, monkeypatch, capsys):
     import urllib.error
 

@@ -72,6 +72,20 @@ def with_black_zero_bit_posterize(transform: Any) -> Any:
     return transform
 
 
+def check_auto_augment(policy: str | None) -> None:
+    """Refuse a policy string timm cannot parse now, in one line, rather than at `setup` with timm's bare assert."""
+    if not policy:
+        return
+    try:  # timm's own parser, on a small image: what `train_transform` will build
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        reason = f" ({e})" if str(e) else ""
+        raise ValueError(
+            f"auto_augment={policy!r}: not a timm augmentation policy{reason}; e.g. 'rand-m9-mstd0.5-inc1' "
+            "(RandAugment), 'augmix-m5' (AugMix), 'original' (AutoAugment), or null for none"
+        ) from None
+
+
 class VisionDataModule(L.LightningDataModule):
     """What every data module shares: preprocessing from the model, augmentation, loaders, skip counting.
 
@@ -113,6 +127,7 @@ class VisionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_auto_augment(auto_augment)
         self.in_memory = in_memory
         # In memory a batch is a slice of tensors: worker processes would only add start-up time, unless they have
         # per-image colour ops (RandAugment) to run.

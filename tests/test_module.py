@@ -191,6 +191,13 @@ def test_mixup_and_cutmix_train_on_soft_targets_even_with_odd_batches():
     assert calls == [torch.Size([62, 10])] * 2  # soft targets over 10 classes; one image dropped to pair them
 
 
+@pytest.mark.parametrize("mixing", [{"mixup_alpha": 0.8}, {"cutmix_alpha": 1.0}])
+def test_mixing_with_one_image_a_batch_is_refused_rather_than_skipping_every_step(mixing):
+    # the odd image out of each batch is dropped to pair the rest: a batch of one left nothing, and fit "trained"
+    with pytest.raises(ValueError, match=r"--data\.batch_size 1 leaves none to pair"):
+        fit(tiny(**mixing), digits(batch_size=1), limit_train_batches=2, limit_val_batches=0)
+
+
 def test_class_count_mismatch_without_head_reset_is_a_clear_error():
     with pytest.raises(ValueError, match=r"num_classes=3 but the data \(DigitsDataModule\) has 10 classes"):
         fit(tiny(num_classes=3, config={"num_classes": 3}), limit_train_batches=1)

@@ -234,6 +234,13 @@ class ViTClassifier(L.LightningModule):
             self._match_classes(len(datamodule.class_names), type(datamodule).__name__)
             self._match_pretrained_head(list(datamodule.class_names))
             self.class_names = list(datamodule.class_names)
+        batch_size = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if stage == "fit" and self.mixup is not None and batch_size == 1:
+            # training_step drops the odd image out of each batch: with one image a batch, every step would be skipped
+            raise ValueError(
+                "Mixup/CutMix (--model.mixup_alpha, --model.cutmix_alpha) mix the images of a batch in pairs: "
+                "--data.batch_size 1 leaves none to pair and nothing would train; use an even batch size"
+            )
         data_config = getattr(datamodule, "data_config", None)
         if data_config is not None:
             expected = [self.model.cfg.in_chans, *self.model.cfg.img_hw]

@@ -415,3 +415,14 @@ def test_batch_augmentation_rotates_by_up_to_degrees_and_is_exact_without_change
     on_bar = turned[:, 0, :, 7:9].mean(dim=(1, 2))
     assert (on_bar < 0.9).float().mean() > 0.8  # most images turned away from the column
     assert torch.allclose(turned.mean(dim=(1, 2, 3)), bar.mean(dim=(1, 2, 3)), atol=0.06)  # the bar is kept, turned
+
+
+@pytest.mark.parametrize(("fraction", "empty"), [(0.0, "validation"), (0.001, "validation"), (1.0, "training")])
+def test_a_validation_fraction_that_empties_a_split_names_the_split(fraction, empty):
+    from vit.datasets import carve
+
+    with pytest.raises(ValueError) as error:
+        carve([0, 1] * 50, range(100), fraction, seed=0)
+    assert str(error.value) == (
+        f"val_fraction={fraction} of 100 images leaves no {empty} images; give a fraction between 0.01 and 0.99"
+    )

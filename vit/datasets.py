@@ -216,7 +216,11 @@ def carve(targets: Sequence[int], indices: Sequence[int], fraction: float, seed:
     labels = np.asarray(targets)[indices]
     n_carved = round(len(indices) * fraction)
     if n_carved == 0 or n_carved == len(indices):
-        raise ValueError(f"val_fraction={fraction} leaves no training or no validation images of {len(indices)}")
+        empty = "validation" if n_carved == 0 else "training"
+        raise ValueError(
+            f"val_fraction={fraction} of {len(indices)} images leaves no {empty} images; "
+            f"give a fraction between {1 / len(indices):.2g} and {1 - 1 / len(indices):.2g}"
+        )
     counts = np.unique(labels, return_counts=True)[1]
     # sklearn stratifies only when every class has 2+ images and each side can hold one of every class
     can_stratify = counts.min() >= 2 and min(n_carved, len(indices) - n_carved) >= len(counts)

@@ -108,21 +108,17 @@ def _lightning_cli_class() -> type:
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities import rank_zero_warn
 
-    from vit.data import VisionDataModule
-    from vit.module import ViTClassifier, other_classes
-    from vit.progress import RateLimitedRichProgressBar
-    from vit.resume import (
-        AtomicCheckpointIO,
-        BestCheckpoint,
-        LastCheckpoint,
-        RNGStateCheckpoint,
-        SayHowToResume,
+    from vit.ckpt_path import (
         latest_run_checkpoint,
         not_resumable,
         nothing_left_to_train,
         replaced_model_settings,
         settings_it_predates,
     )
+    from vit.data import VisionDataModule
+    from vit.module import ViTClassifier, other_classes
+    from vit.progress import RateLimitedRichProgressBar
+    from vit.resume import AtomicCheckpointIO, BestCheckpoint, LastCheckpoint, RNGStateCheckpoint, SayHowToResume
     from vit.safety import (
         CtrlCIsNeverLost,
         DropTheRunFolderOfAFailedStart,

@@ -521,3 +521,14 @@ def test_max_time_is_said_to_cut_the_lr_schedule_short_and_time_budget_is_not(bu
     if said:
         assert said[0].startswith("vit fit: warning: --trainer.max_time stops training wherever the LR")
         assert "--trainer.callbacks+=vit.budget.TimeBudget" in said[0]
+
+
+def test_seed_everything_null_says_which_values_turn_seeding_off(capsys):
+    assert main(["fit", "--config", str(CONFIGS / "digits.yaml"), "--seed_everything", "null"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "seed_everything: expected bool or int, got 'None'; false turns seeding off, true picks a random seed"
+        )
+    )

@@ -164,7 +164,11 @@ def _lightning_cli_class() -> type:
             missing = re.fullmatch(r'Parser key "config":\s*File does not exist: (.+)', message.strip())
             if missing:  # a name that is neither a file here nor one of vit's configs
                 message = f"--config {missing.group(1)}: no such file; vit's own configs: {_shipped_names()}"
-            super().error(_innermost_reason(message) if self.exit_on_error else message, ex)
+            if self.exit_on_error:
+                message = _innermost_reason(message)
+                if message.startswith("seed_everything: expected"):  # `null`, as a YAML user writes "no seed"
+                    message += "; false turns seeding off, true picks a random seed"
+            super().error(message, ex)
 
     class ViTLightningCLI(LightningCLI):
         """LightningCLI for `ViTClassifier` and any `vit.data` module: each run writes runs/<name>/version_N/

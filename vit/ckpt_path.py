@@ -4,6 +4,7 @@ where this config writes checkpoints, files that cannot be resumed, the model se
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,6 @@ def settings_it_predates(saved: dict[str, Any]) -> dict[str, Any]:
     """The `ViTClassifier` arguments that a checkpoint's hyperparameters lack, at their defaults: it was written
     before they existed, and trained as their defaults do (AdamW, before `optimizer`). LightningCLI would keep the
     command's values for them, and resume, say, SGD from AdamW's state."""
-    import inspect
-
     from vit.module import ViTClassifier
 
     arguments = inspect.signature(ViTClassifier.__init__).parameters.values()

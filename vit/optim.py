@@ -39,16 +39,18 @@ def optimizer_info(name: str) -> OptimInfo:
     return info
 
 
-def check_optimizer_settings(name: str, betas: Sequence[float] | None) -> None:
-    """Refuse, in one line, an optimiser `build_optimizer` cannot make, and betas it does not take."""
+def check_optimizer_settings(name: str, betas: Sequence[float] | None) -> OptimInfo:
+    """Refuse, in one line, an optimiser `build_optimizer` cannot make, and betas it does not take; else its
+    registry entry."""
     info = optimizer_info(name)
     if betas is None:
-        return
+        return info
     if not info.has_betas:
         takes = "; it takes --model.momentum" if info.has_momentum else ""
         raise ValueError(f"--model.betas {list(betas)}: {name} takes no betas{takes}")
     if len(betas) != info.num_betas:
         raise ValueError(f"--model.betas {list(betas)}: {name} takes {info.num_betas} betas")
+    return info
 
 
 def effective_betas(name: str, betas: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -82,8 +84,7 @@ def build_optimizer(
     momentum (timm's `OptimInfo.has_momentum`), and torch's Adam, AdamW and SGD get their fused kernel on CPU and
     CUDA parameters. Raises ValueError (one line) for a name timm does not know, or settings it does not take.
     """
-    check_optimizer_settings(name, betas)
-    info = optimizer_info(name)
+    info = check_optimizer_settings(name, betas)
     device = next(model.parameters()).device.type
     if isinstance(info.opt_class, str) and device != "cuda":  # else timm asserts, with a traceback
         raise ValueError(f"--model.optimizer {name} ({info.opt_class}) trains on a CUDA GPU only, not on {device}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 import re
@@ -624,9 +625,11 @@ def test_timm_tag_of_an_architecture_without_a_variant_of_ours_loads_with_timms_
 def test_cached_timm_weights_load_without_a_request_when_the_hub_is_unreachable(
     monkeypatch, hub_cache, closed_hub, batch_for
 ):
-    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.utils import get_session
 
-    monkeypatch.setattr(httpx2.HTTPTransport, "handle_request", lambda *a, **k: pytest.fail("an HTTP request"))
+    # huggingface_hub's HTTP client: httpx in huggingface_hub 1, httpx2 in 2
+    http = importlib.import_module(type(get_session()).__module__.partition(".")[0])
+    monkeypatch.setattr(http.HTTPTransport, "handle_request", lambda *a, **k: pytest.fail("an HTTP request"))
     model = vit.create_model(TAG, pretrained=True)  # HF_HUB_OFFLINE unset: the cache must serve without asking
     x = batch_for(model, batch=1)
     torch.testing.assert_close(logits(model, x), logits(hub_cache, x), rtol=0, atol=TOL)

@@ -54,8 +54,18 @@ class _Images(Dataset):
 def _quiet_on_sigterm(worker_id: int) -> None:
     """A DataLoader worker's SIGTERM from anyone (a scheduler or `kill` signalling the whole process group) ends it
     quietly, as Ctrl-C does: torch's own handler would die of the signal, and the main process, which has its own
-    SIGTERM to handle, would then raise 'DataLoader worker ... is killed by signal' wherever it happened to be."""
+    SIGTERM to handle, would then raise 'DataLoader worker ... is killed by signal' wherever it happened to be.
+    A main process that stops while taking a batch leaves the worker's descriptor-sharing thread (multiprocessing's
+    resource_sharer) with a broken connection, whose traceback that thread prints through `sys.excepthook`: the
+    worker drops those, and reports anything else as before."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    report = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):  # the main process went away mid-transfer
+            report(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[list, torch.Tensor | None, list]:

@@ -156,7 +156,7 @@ def test_a_worker_says_nothing_when_the_main_process_stops_while_taking_a_batch(
     The same handover, to a client that hangs up at once, in a worker set up as vit.predict sets up its workers."""
     handover = (
         "import os, socket, time; from multiprocessing import resource_sharer; import vit.predict as p; "
-        f"{'p._quiet_on_sigterm(0); ' if worker_init else ''}"
+        f"{'p._worker_stops_quietly(0); ' if worker_init else ''}"
         "shared = resource_sharer.DupFd(os.pipe()[0]); "  # the worker's side of sending a batch
         "client = socket.socket(socket.AF_UNIX); client.connect(resource_sharer._resource_sharer._address); "
         "client.close(); time.sleep(0.5); "  # the main process stopped mid-handover

@@ -51,7 +51,7 @@ class _Images(Dataset):
             return i, None, describe_error(e)
 
 
-def _quiet_on_sigterm(worker_id: int) -> None:
+def _worker_stops_quietly(worker_id: int) -> None:
     """A DataLoader worker's SIGTERM from anyone (a scheduler or `kill` signalling the whole process group) ends it
     quietly, as Ctrl-C does: torch's own handler would die of the signal, and the main process, which has its own
     SIGTERM to handle, would then raise 'DataLoader worker ... is killed by signal' wherever it happened to be.
@@ -200,7 +200,7 @@ class Predictor:
             num_workers=self._workers(len(items)),
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_quiet_on_sigterm,
+            worker_init_fn=_worker_stops_quietly,
         )
         with warnings.catch_warnings():
             # torch warns of more workers than cores at DataLoader(), then again at iter(): once is enough

@@ -154,14 +154,20 @@ def test_a_worker_says_nothing_when_the_main_process_stops_while_taking_a_batch(
     resource_sharer thread in the worker; a main process stopped by SIGTERM or Ctrl-C mid-handover breaks that
     connection, and the thread prints a BrokenPipeError traceback after `vit predict`'s one line (1 run in 12 here).
     The same handover, to a client that hangs up at once, in a worker set up as vit.predict sets up its workers."""
-    handover = (
-        "import os, socket, time; from multiprocessing import resource_sharer; import vit.predict as p; "
-        f"{'p._worker_stops_quietly(0); ' if worker_init else ''}"
-        "shared = resource_sharer.DupFd(os.pipe()[0]); "  # the worker's side of sending a batch
-        "client = socket.socket(socket.AF_UNIX); client.connect(resource_sharer._resource_sharer._address); "
-        "client.close(); time.sleep(0.5); "  # the main process stopped mid-handover
-        "import sys; sys.excepthook(ValueError, ValueError('other errors are still reported'), None)"
-    )
+    handover = f"""
+import os, socket, sys, threading
+from multiprocessing import resource_sharer
+import vit.predict
+{"vit.predict._worker_stops_quietly(0)" if worker_init else ""}
+handled, hook = threading.Event(), sys.excepthook
+sys.excepthook = lambda *error: (hook(*error), handled.set())  # whatever the hook does, then say it ran
+shared = resource_sharer.DupFd(os.pipe()[0])  # the worker's side of sending a batch
+client = socket.socket(socket.AF_UNIX)
+client.connect(resource_sharer._resource_sharer._address)
+client.close()  # the main process stopped mid-handover
+assert handled.wait(60), "the handover's thread never reported its broken connection"
+hook(ValueError, ValueError("other errors are still reported"), None)
+"""
     err = subprocess.run([sys.executable, "-c", handover], cwd=ROOT, capture_output=True, text=True).stderr
     assert err.endswith("ValueError: other errors are still reported\n"), err
     if worker_init:
